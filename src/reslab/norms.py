@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .errors import SpecError, choices_error
-from .specs import Converter, Spec, bind, parse_spec, to_float, to_int
+from .specs import Converter, Spec, bind, parse_spec, positive_float, positive_int, unit_float
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -107,27 +107,6 @@ class NormEntry:
     build: Callable[..., nn.Module]  # (num_channels, **bound args) -> module
 
 
-def _positive_int(value: str) -> int:
-    result = to_int(value)
-    if result < 1:
-        raise ValueError("must be a positive integer")
-    return result
-
-
-def _positive_float(value: str) -> float:
-    result = to_float(value)
-    if result <= 0:
-        raise ValueError("must be positive")
-    return result
-
-
-def _unit_float(value: str) -> float:
-    result = to_float(value)
-    if not 0.0 <= result <= 1.0:
-        raise ValueError("must be in [0, 1]")
-    return result
-
-
 def _build_gn(num_channels: int, groups: int | None = None, eps: float = 1e-5) -> nn.Module:
     if groups is None:
         return nn.GroupNorm(gn_groups(num_channels), num_channels, eps=eps)
@@ -153,27 +132,27 @@ def register_norm(entry: NormEntry) -> NormEntry:
 
 register_norm(NormEntry(
     "bn", "BatchNorm2d: batch statistics in training, running averages in eval",
-    {"momentum": _unit_float, "eps": _positive_float},
+    {"momentum": unit_float, "eps": positive_float},
     lambda c, momentum=0.1, eps=1e-5: nn.BatchNorm2d(c, eps=eps, momentum=momentum),
 ))
 register_norm(NormEntry(
     "gn", "GroupNorm, gn:G for G groups; plain gn = 32 groups, or the largest divisor of C below 32",
-    {"groups": _positive_int, "eps": _positive_float},
+    {"groups": positive_int, "eps": positive_float},
     _build_gn,
 ))
 register_norm(NormEntry(
     "ln", "LayerNorm over (C,H,W) of each sample, per-channel affine = GroupNorm(1, C)",
-    {"eps": _positive_float},
+    {"eps": positive_float},
     lambda c, eps=1e-5: LayerNorm2d(c, eps=eps),
 ))
 register_norm(NormEntry(
     "in", "InstanceNorm with per-channel affine = GroupNorm(C, C)",
-    {"eps": _positive_float},
+    {"eps": positive_float},
     lambda c, eps=1e-5: InstanceNorm2dAffine(c, eps=eps),
 ))
 register_norm(NormEntry(
     "rms", "RMSNorm over channels at each position (nn.RMSNorm), scale only",
-    {"eps": _positive_float},
+    {"eps": positive_float},
     lambda c, eps=None: RMSNorm2d(c, eps=eps),
 ))
 register_norm(NormEntry(

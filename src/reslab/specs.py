@@ -110,6 +110,28 @@ def to_bool(value: str) -> bool:
     raise ValueError("expected true or false")
 
 
+def positive_float(value: str) -> float:
+    result = to_float(value)
+    if result <= 0:
+        raise ValueError("must be positive")
+    return result
+
+
+def unit_float(value: str) -> float:
+    """A number in the closed interval [0, 1]."""
+    result = to_float(value)
+    if not 0.0 <= result <= 1.0:
+        raise ValueError("must be in [0, 1]")
+    return result
+
+
+def positive_int(value: str) -> int:
+    result = to_int(value)
+    if result < 1:
+        raise ValueError("must be a positive integer")
+    return result
+
+
 def one_of(*choices: str) -> Converter:
     """A converter that accepts only the given strings."""
 

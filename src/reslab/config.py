@@ -1,0 +1,217 @@
+"""The training configuration: one dataclass, YAML in and out, CLI flags from its fields.
+
+Every field carries its help text in ``metadata["help"]`` (the *why*, nanoGPT
+style); ``reslab train`` generates one flag per field (``batch_size`` ->
+``--batch-size``), so the CLI, ``--config FILE.yaml``, ``--print-config`` and
+the ``config.yaml`` saved in every run directory can never drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import SpecError, choices_error
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+PRECISIONS = ("fp32", "bf16", "fp16")
+PROGRESS = ("auto", "bar", "log", "none")
+STEMS = ("imagenet", "cifar")
+SHORTCUTS = ("A", "B")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+
+
+def _f(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field with its help text (and CLI metadata) attached."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class TrainConfig:
+    # -- what to train --
+    model: str = _f("cifar_resnet20", "model name (reslab list models)")
+    norm: str = _f("bn", "norm spec: bn, gn, gn:G, ln, in, rms, none")
+    init: str = _f("default", "init scheme or policy for the weights (reslab list inits)")
+    stem: str | None = _f(None, "ResNet stem: imagenet (7x7/2 + maxpool) or cifar (3x3/1); default: the model's",
+                          choices=STEMS)
+    shortcut: str | None = _f(None, "ResNet shortcut: A (zero-pad identity) or B (1x1 projection); default: the model's",
+                              choices=SHORTCUTS)
+    zero_init_residual: bool = _f(False, "start the last norm of each residual branch at 0 (Goyal et al. 2017)")
+    # -- data --
+    dataset: str = _f("mnist5k", "dataset spec (reslab list datasets), e.g. cifar10, synthetic:train=2560")
+    data_dir: str | None = _f(None, "where torchvision datasets live (default $RESLAB_DATA or ~/.cache/reslab/data)")
+    download: bool = _f(False, "download a missing torchvision dataset")
+    val_split: float = _f(0.0, "hold out this fraction of train and evaluate on it instead of the test split")
+    # -- optimization --
+    epochs: int = _f(10, "epochs to train (with --resume: train up to this many)")
+    batch_size: int = _f(128, "global batch size (split across ranks under torchrun)")
+    optimizer: str = _f("sgd", "sgd, adam or adamw", choices=OPTIMIZERS)
+    lr: float = _f(0.1, "peak learning rate")
+    momentum: float = _f(0.9, "SGD momentum (beta1 for adam/adamw)")
+    nesterov: bool = _f(False, "Nesterov momentum for SGD")
+    weight_decay: float = _f(5e-4, "weight decay (decoupled for adamw)")
+    decay_norm_and_bias: bool = _f(True, "apply weight decay to norm and bias parameters too")
+    schedule: str = _f("constant", "lr schedule: constant, step:every=E,gamma=G, multistep, cosine, onecycle")
+    warmup_epochs: float = _f(0.0, "linear warmup from 0 over this many epochs")
+    label_smoothing: float = _f(0.0, "label smoothing for the cross-entropy loss")
+    grad_clip: float = _f(0.0, "clip the global gradient norm to this value (0 = off)")
+    seed: int = _f(0, "seed for init, shuffling, augmentation and dropout")
+    # -- execution --
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    precision: str = _f("fp32", "fp32, or bf16/fp16 autocast (CUDA only)", choices=PRECISIONS)
+    channels_last: bool = _f(False, "NHWC memory format (faster convolutions on GPUs and recent CPUs)")
+    compile: bool = _f(False, "torch.compile the model (slower start, faster steps)")
+    sync_bn: bool = _f(False, "convert BatchNorm to SyncBatchNorm under torchrun (GPU only)")
+    eval_batch_size: int = _f(1024, "batch size for evaluation")
+    # -- output --
+    out: str | None = _f(None, "run directory (default: runs/<model>-<norm>-<init>-<dataset>-seed<seed>)")
+    resume: bool = _f(False, "continue the run in --out from its last checkpoint")
+    progress: str = _f("auto", "auto (a bar on a terminal, log lines otherwise), bar, log or none",
+                       choices=PROGRESS)
+
+    # -- derived --
+    def model_options(self) -> dict[str, Any]:
+        """The model options this config sets explicitly (None = the model's default)."""
+        options: dict[str, Any] = {}
+        if self.stem is not None:
+            options["stem"] = self.stem
+        if self.shortcut is not None:
+            options["shortcut"] = self.shortcut
+        if self.zero_init_residual:
+            options["zero_init_residual"] = True
+        return options
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate(self) -> TrainConfig:
+        """Check every value that can be checked without data; SpecError on the first bad one."""
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise choices_error(flag(f.name), value, choices)
+        positive = ("epochs", "batch_size", "eval_batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise SpecError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
+        non_negative = ("weight_decay", "warmup_epochs", "label_smoothing", "grad_clip", "momentum")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise SpecError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise SpecError(f"--lr must be positive, got {self.lr}")
+        if self.momentum >= 1:
+            raise SpecError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if self.label_smoothing >= 1:
+            raise SpecError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.val_split < 1:
+            raise SpecError(f"--val-split must be in [0, 1), got {self.val_split}")
+        if not _DEVICE_RE.match(self.device):
+            raise SpecError(f"unknown --device {self.device!r}; valid choices: auto, cpu, cuda, cuda:N")
+        if self.resume and not self.out:
+            raise SpecError("--resume needs --out DIR naming the run to continue")
+        return self
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def field_type(f: dataclasses.Field) -> type:
+    """The scalar type of a field: ``str | None`` -> ``str``."""
+    hints = typing.get_type_hints(TrainConfig)
+    tp = hints[f.name]
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def coerce(f: dataclasses.Field, value: Any) -> Any:
+    """Convert a YAML or command-line value to a field's type; SpecError if it does not fit."""
+    tp = field_type(f)
+    if value is None:
+        if f.default is None:
+            return None
+        raise SpecError(f"{flag(f.name)} needs a value")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        lowered = str(value).strip().lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise SpecError(f"bad value {value!r} for {flag(f.name)}: expected true or false")
+    try:
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            if isinstance(value, str):
+                return int(value.strip())
+            return int(value)
+        if tp is float:
+            result = float(value)
+            if result != result or result in (float("inf"), float("-inf")):
+                raise ValueError
+            return result
+    except (TypeError, ValueError):
+        raise SpecError(f"bad value {value!r} for {flag(f.name)}: expected {tp.__name__}") from None
+    return str(value)
+
+
+def config_from_dict(data: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+    """Apply a mapping (YAML keys with ``_`` or ``-``) onto ``base``; unknown keys are errors."""
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    values = dataclasses.asdict(base or TrainConfig())
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in by_name:
+            raise SpecError(
+                f"unknown config key {key!r}; valid keys: {', '.join(n.replace('_', '-') for n in by_name)}"
+            )
+        values[name] = coerce(by_name[name], value)
+    return TrainConfig(**values)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing, unreadable or non-mapping file is a SpecError."""
+    file = Path(path)
+    if not file.is_file():
+        named = named_config_path(str(path))
+        if named is None:
+            raise SpecError(
+                f"config file {str(path)!r} does not exist; shipped configs: {', '.join(named_configs())}"
+            )
+        file = named
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
+        raise SpecError(f"config file {str(path)!r} is not valid YAML: {first}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"config file {str(path)!r} must hold a mapping of option: value")
+    return data
+
+
+_CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def named_configs() -> list[str]:
+    """The recipes shipped with reslab (``--config NAME`` finds them)."""
+    return sorted(p.stem for p in _CONFIG_DIR.glob("*.yaml"))
+
+
+def named_config_path(name: str) -> Path | None:
+    path = _CONFIG_DIR / f"{name.removesuffix('.yaml')}.yaml"
+    return path if path.is_file() else None

@@ -1,0 +1,190 @@
+"""Models by name: ``build_model("cifar_resnet20", norm="gn")``.
+
+Every model is an entry-point function registered with :func:`register_model`
+(timm's shape).  The function's keyword-only parameters *are* the model's
+interface, so there is one source of truth:
+
+* the common arguments ``num_classes``, ``in_channels``, ``norm`` and
+  ``input_size`` are passed by :func:`build_model` to every entry point that
+  declares them; an entry point that has no use for one (``norm`` for ``mlp``,
+  ``input_size`` for the ResNets) simply does not declare it and never sees it,
+  which lets one training config drive every model;
+* every other keyword-only parameter is a model *option* (``stem``,
+  ``shortcut``, ``width``, ``hidden``, ...); its default is the model's default
+  and its type is the type string values are converted to, so options coming
+  from the CLI or a YAML file as text (``width="32"``, ``zero_init_residual="true"``)
+  work unchanged;
+* the first line of the docstring is the description :func:`list_models` shows.
+
+Unknown names and options are SpecErrors (:mod:`reslab.errors`) that list the
+valid choices; bad option *values* are rejected by the model itself with the
+same kind of message.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..errors import SpecError, choices_error
+from ..norms import norm_factory
+from ..specs import to_bool, to_float, to_int
+
+ModelFn = Callable[..., nn.Module]
+
+# Arguments every model may take; build_model passes each one only to the
+# entry points that declare it.
+COMMON_ARGS = ("num_classes", "in_channels", "norm", "input_size")
+
+# (channels, side) of a model's natural input unless its registration says otherwise: CIFAR's.
+DEFAULT_INPUT = (3, 32)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    fn: ModelFn
+    description: str  # first line of the entry point's docstring
+    options: dict[str, Any]  # option name -> default
+    common: tuple[str, ...]  # the COMMON_ARGS this entry point declares
+    default_input: tuple[int, int]  # (channels, side) of the input the model was designed for
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(fn: ModelFn | None = None, *, default_input: tuple[int, int] = DEFAULT_INPUT):
+    """Decorator: register ``fn`` under its ``__name__``; duplicate names are refused.
+
+    Use bare (``@register_model``) or with the model's natural input
+    (``@register_model(default_input=(1, 28))``, as ``(channels, side)``), which
+    tools such as ``reslab inspect`` use when the user gives none.
+    """
+    if fn is None:
+        return functools.partial(register_model, default_input=default_input)
+    name = fn.__name__
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is already registered")
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is not inspect.Parameter.KEYWORD_ONLY for p in params):
+        raise TypeError(f"model entry point {name!r} must take keyword-only arguments (def {name}(*, ...))")
+    common = tuple(p.name for p in params if p.name in COMMON_ARGS)
+    options = {p.name: p.default for p in params if p.name not in COMMON_ARGS}
+    if any(default is inspect.Parameter.empty for default in options.values()):
+        raise TypeError(f"every option of model entry point {name!r} needs a default")
+    doc = inspect.getdoc(fn) or name
+    _REGISTRY[name] = ModelEntry(name, fn, doc.splitlines()[0], options, common, tuple(default_input))
+    return fn
+
+
+def list_models() -> dict[str, str]:
+    """Every model name with a one-line description."""
+    return {name: entry.description for name, entry in _REGISTRY.items()}
+
+
+def model_names() -> list[str]:
+    """Every registered model name, in registration order."""
+    return list(_REGISTRY)
+
+
+def model_options(name: str) -> dict[str, Any]:
+    """The options ``name`` accepts, each with its default."""
+    return dict(_entry(name).options)
+
+
+def model_input(name: str) -> tuple[int, int]:
+    """``(in_channels, input_size)`` of the input ``name`` was designed for, e.g. ``(3, 224)``."""
+    return _entry(name).default_input
+
+
+def _entry(name: str) -> ModelEntry:
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        raise choices_error("model", name, _REGISTRY)
+    return entry
+
+
+def _coerce(value: Any, default: Any, what: str) -> Any:
+    """Convert a string option value to the type of the option's default.
+
+    Non-string values pass through untouched; the model validates them.
+    """
+    if not isinstance(value, str):
+        return value
+    # bool before int: bool is a subclass of int.
+    for kind, convert in ((bool, to_bool), (int, to_int), (float, to_float)):
+        if isinstance(default, kind):
+            try:
+                return convert(value)
+            except ValueError as exc:
+                raise SpecError(f"bad value {value!r} for {what}: {exc}") from None
+    return value
+
+
+def _positive_int(value: Any, what: str) -> int:
+    value = _coerce(value, 1, what)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SpecError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def build_model(
+    name: str,
+    *,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    norm: str = "bn",
+    input_size: int | tuple[int, int] | None = None,
+    **options: Any,
+) -> nn.Module:
+    """Build the registered model ``name``.
+
+    Args:
+        name: a key of :func:`list_models`.
+        num_classes: size of the classifier output.
+        in_channels: channels of the input images (1 for MNIST, 3 for CIFAR).
+        norm: a norm spec (``bn``, ``gn:16``, ``none``, ...; see ``reslab.norms``);
+            validated even for models without norm layers.
+        input_size: input height/width (an int or ``(H, W)``); only models that
+            need it (``mlp``) or check it (``simple_cnn``) use it.
+        **options: the model's own options, see :func:`model_options`.
+
+    Unknown names, unknown options and bad values raise :class:`SpecError`.
+    """
+    entry = _entry(name)
+    unknown = sorted(set(options) - set(entry.options))
+    if unknown:
+        valid = ", ".join(entry.options) or "none"
+        raise SpecError(f"unknown option {unknown[0]!r} for model {name!r}; valid options: {valid}")
+    norm_factory(norm)  # fail on a bad norm spec whether or not the model has norm layers
+    if isinstance(input_size, str):
+        input_size = _positive_int(input_size, "input_size")
+    common = {
+        "num_classes": _positive_int(num_classes, "num_classes"),
+        "in_channels": _positive_int(in_channels, "in_channels"),
+        "norm": norm,
+        "input_size": input_size,
+    }
+    kwargs = {key: common[key] for key in entry.common}
+    for key, value in options.items():
+        kwargs[key] = _coerce(value, entry.options[key], f"option {key!r} of model {name!r}")
+    return entry.fn(**kwargs)
+
+
+# Importing the model modules fills the registry (ResNets first, so they lead
+# list_models()); they import register_model from this package, which is why
+# the registry is defined above this line.
+from . import resnet  # noqa: E402,F401,I001
+from . import baselines  # noqa: E402,F401
+from .baselines import MLP, SimpleCNN  # noqa: E402
+from .resnet import BasicBlock, Bottleneck, ResNet, ZeroPadShortcut  # noqa: E402
+
+__all__ = [
+    "COMMON_ARGS", "ModelEntry", "register_model", "build_model", "list_models", "model_names",
+    "model_options", "model_input", "ResNet", "BasicBlock", "Bottleneck", "ZeroPadShortcut", "MLP", "SimpleCNN",
+]
