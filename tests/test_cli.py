@@ -104,3 +104,12 @@ def test_console_script_and_module_entry_points():
         assert "gn:5" in done.stderr
     done = subprocess.run([sys.executable, "-m", "reslab", "list", "norms"], capture_output=True, text=True)
     assert done.returncode == 0 and "rms" in done.stdout
+
+
+def test_inspect_plot_writes_a_png(capsys, tmp_path):
+    target = tmp_path / "init.png"
+    code, out, _ = run(capsys, "inspect", "cifar_resnet20", "--init", "xavier_normal", "--plot", str(target))
+    assert code == 0 and str(target) in out
+    data = target.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert [p.name for p in tmp_path.iterdir()] == ["init.png"]  # no temp file left behind
