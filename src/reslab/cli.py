@@ -12,11 +12,12 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from dataclasses import dataclass, fields
 from typing import Any, NoReturn
 
 import yaml
 
+from .config import load_config_file
 from .errors import SpecError
 
 log = logging.getLogger("reslab")
@@ -38,17 +39,26 @@ class _Parser(argparse.ArgumentParser):
 
 # --- commands ---------------------------------------------------------------
 
-Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
+@dataclass(frozen=True)
+class Command:
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    help: str
+    # the resolved options --print-config shows (default: the parsed flags)
+    resolve: Callable[[argparse.Namespace], dict[str, Any]] | None = None
+
+
 COMMANDS: dict[str, Command] = {}
 
 
-def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+            resolve: Callable[[argparse.Namespace], dict[str, Any]] | None = None):
     """Register ``reslab NAME``: decorate ``run(args) -> exit code``; ``add_arguments`` fills its parser."""
 
     def decorate(run):
         if name in COMMANDS:
             raise ValueError(f"command {name!r} is already registered")
-        COMMANDS[name] = (add_arguments, run, help)
+        COMMANDS[name] = Command(add_arguments, run, help, resolve)
         return run
 
     return decorate
@@ -138,21 +148,55 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 
+# --- train ----------------------------------------------------------------------
+
+
+def add_config_flags(parser: argparse.ArgumentParser, *, as_lists: bool = False) -> None:
+    """One flag per TrainConfig field; values stay strings until ``config_from_dict`` types them."""
+    from .config import TrainConfig, field_type
+
+    for f in fields(TrainConfig):
+        if f.name in ("resume",) and as_lists:
+            continue
+        help_text = f.metadata.get("help", "")
+        if f.metadata.get("choices"):
+            help_text += f" ({', '.join(f.metadata['choices'])})"
+        default_text = "" if f.default is None else f"; default {f.default}"
+        flag_name = "--" + f.name.replace("_", "-")
+        if field_type(f) is bool and not as_lists:
+            parser.add_argument(flag_name, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text + default_text)
+        else:
+            metavar = "V[,V...]" if as_lists else f.name.upper()
+            parser.add_argument(flag_name, dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
+                                help=help_text + default_text)
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from .config import config_from_dict
+
+    values = {k: v for k, v in vars(args).items() if k not in _GLOBAL_DESTS}
+    return config_from_dict(values)
+
+
+def _resolve_train(args: argparse.Namespace) -> dict[str, Any]:
+    return train_config_from_args(args).validate().to_dict()
+
+
+@command("train", "train one model on one dataset into a run directory", add_config_flags, _resolve_train)
+def run_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    result = train(train_config_from_args(args))
+    s = result.summary
+    acc = s["final_eval_acc"]
+    print(f"{result.status}: {s['epochs_completed']}/{s['epochs']} epochs, "
+          f"final {s['eval_split']} acc {acc:.4f}" if acc is not None else f"{result.status}: no epoch completed",
+          f"-> {result.out}")
+    return EXIT_FAILED if result.status == "failed" else EXIT_OK
+
+
 # --- config files -------------------------------------------------------------
-
-def _load_config_file(path: str) -> dict[str, Any]:
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"config file {path!r} does not exist")
-    try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
-        raise UsageError(f"config file {path!r} is not valid YAML: {first}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"config file {path!r} must hold a mapping of option: value")
-    return data
-
 
 def _apply_config(parser: argparse.ArgumentParser, data: dict[str, Any]) -> None:
     """Use a YAML mapping as the parser's defaults; unknown keys are errors."""
@@ -186,9 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for name, (add_arguments, _run, help_text) in COMMANDS.items():
-        child = sub.add_parser(name, help=help_text, description=help_text)
-        add_arguments(child)
+    for name, cmd in COMMANDS.items():
+        child = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(child)
         child.add_argument("--config", metavar="FILE.yaml", help="read option values from a YAML file")
         child.add_argument("--print-config", action="store_true", help="print the resolved options as YAML and exit")
     return parser
@@ -209,13 +253,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     name = next((a for a in argv if a in COMMANDS), None)
     if known.config and name:
         subparser = parser._subparsers._group_actions[0].choices[name]  # type: ignore[union-attr]
-        _apply_config(subparser, _load_config_file(known.config))
+        _apply_config(subparser, load_config_file(known.config))
     return parser.parse_args(argv)
 
 
 def _print_config(args: argparse.Namespace) -> None:
-    values = {k.replace("_", "-"): v for k, v in vars(args).items() if k not in ("command", "config", "print_config", "verbose")}
+    resolve = COMMANDS[args.command].resolve
+    if resolve is not None:
+        values = resolve(args)
+    else:
+        values = {k.replace("_", "-"): v for k, v in vars(args).items() if k not in _GLOBAL_DESTS}
     print(yaml.safe_dump(values, sort_keys=False), end="")
+
+
+_GLOBAL_DESTS = ("command", "config", "print_config", "verbose")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -227,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.print_config:
             _print_config(args)
             return EXIT_OK
-        return COMMANDS[args.command][1](args)
+        return COMMANDS[args.command].run(args)
     except SpecError as exc:
         print(f"reslab: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

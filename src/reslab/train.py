@@ -1,0 +1,452 @@
+"""Training: ``train(config)`` runs one config into one run directory.
+
+A run directory holds
+
+- ``config.yaml``   the resolved config (what produced the numbers),
+- ``metrics.jsonl`` one JSON object per epoch,
+- ``checkpoint.pt`` written atomically after every epoch: model, optimizer,
+  scheduler, grad scaler, epoch and RNG state, config - plain tensors,
+  numbers and strings only, so ``torch.load(weights_only=True)`` reads it,
+- ``summary.json``  written when the run ends (completed, diverged or failed).
+
+``resume=True`` continues from the checkpoint up to ``config.epochs`` and gives
+exactly the metrics and weights of an uninterrupted run on the CPU: the data
+order and augmentation of each epoch come from ``(seed, epoch)`` alone and the
+global RNG state (dropout) is restored from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrainConfig, config_from_dict
+from .data import Dataset, load_dataset
+from .diagnose import count_params
+from .errors import SpecError
+from .fileio import append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text, read_jsonl, rewrite_jsonl
+from .inits import init_weights, parse_policy
+from .models import build_model
+from .norms import norm_factory
+from .optim import make_optimizer, make_scheduler, parse_schedule
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "checkpoint.pt", "summary.json"
+# Check for a non-finite loss every this many steps: often enough to stop a
+# diverged run early, rarely enough that the host-device sync is negligible.
+FINITE_CHECK_EVERY = 16
+NO_STEP = 2**62  # "no non-finite loss yet" in the cross-rank MIN
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class RunFailed(RuntimeError):
+    """The run started but could not finish (not bad input)."""
+
+
+@dataclass
+class RunResult:
+    out: Path
+    status: str  # completed | diverged | failed
+    summary: dict[str, Any]
+
+
+# --- setup -----------------------------------------------------------------------
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SpecError(f"--device {spec!r} asked for CUDA, but no CUDA device is available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SpecError(
+                f"--device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SpecError(f"--device {spec!r}: MPS is not available here; use --device cpu")
+    return device
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Everything that can be checked before touching data or disk."""
+    cfg.validate()
+    norm_factory(cfg.norm)
+    parse_policy(cfg.init)
+    parse_schedule(cfg.schedule)
+    if cfg.precision != "fp32" and resolve_device(cfg.device).type != "cuda":
+        raise SpecError(f"--precision {cfg.precision} needs a CUDA device; on the CPU use --precision fp32")
+
+
+def default_out(cfg: TrainConfig) -> Path:
+    slug = "-".join(str(v) for v in (cfg.model, cfg.norm, cfg.init, cfg.dataset.split(":")[0], f"seed{cfg.seed}"))
+    return Path("runs") / "".join(c if c.isalnum() or c in "-_.=" else "_" for c in slug)
+
+
+def build_for(cfg: TrainConfig, data: Dataset) -> nn.Module:
+    model = build_model(
+        cfg.model, num_classes=data.num_classes, in_channels=data.in_channels, norm=cfg.norm,
+        input_size=data.image_size, **cfg.model_options(),
+    )
+    init_weights(model, cfg.init, seed=cfg.seed)
+    return model
+
+
+def versions() -> dict[str, str]:
+    import torchvision
+
+    from . import __version__
+
+    return {"reslab": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version()}
+
+
+# --- distributed context (single process unless launched by torchrun) ---------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            torch.distributed.all_reduce(values)
+        return values
+
+    def all_min(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MIN)
+        return values
+
+
+# --- the loop ----------------------------------------------------------------------
+
+
+class Trainer:
+    """One run: built from a validated config, driven epoch by epoch."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, device: torch.device, dist: Dist | None = None):
+        self.cfg, self.out, self.device = cfg, out, device
+        self.dist = dist or Dist()
+        # Dropout draws from the global generator: seed it per run (and per
+        # rank, so ranks drop different units); resume restores its state.
+        torch.manual_seed(cfg.seed * 1000 + self.dist.rank)
+        self.data = load_dataset(
+            cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, device=device,
+            val_split=cfg.val_split, seed=cfg.seed,
+        )
+        if cfg.batch_size % self.dist.world_size:
+            raise SpecError(
+                f"--batch-size {cfg.batch_size} is the global batch and must divide evenly over "
+                f"{self.dist.world_size} processes"
+            )
+        model = build_for(cfg, self.data).to(device)
+        self.num_params = count_params(model)
+        if cfg.sync_bn:
+            if device.type != "cuda":
+                raise SpecError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel); drop --sync-bn")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model  # the module whose state_dict is saved
+        self.net: nn.Module = model
+        if self.dist.world_size > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+        self.steps_per_epoch = self.data.steps_per_epoch(cfg.batch_size, drop_last=self.dist.world_size > 1)
+        self.optimizer = make_optimizer(
+            model, cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+            nesterov=cfg.nesterov, decay_norm_and_bias=cfg.decay_norm_and_bias,
+        )
+        self.scheduler = make_scheduler(
+            self.optimizer, cfg.schedule, epochs=cfg.epochs, steps_per_epoch=self.steps_per_epoch,
+            warmup_epochs=cfg.warmup_epochs,
+        )
+        self.amp_dtype = DTYPES[cfg.precision]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        self.epoch = 0  # epochs completed
+        self.step = 0
+
+    # -- state --
+
+    def state_dict(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "format": 1,
+            "epoch": self.epoch,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+            "config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+    # -- epochs --
+
+    def autocast(self):
+        if self.cfg.precision == "fp32":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_epoch(self, progress) -> dict[str, Any]:
+        cfg, dist = self.cfg, self.dist
+        self.net.train()
+        # Sums live on the device; one sync per epoch (plus the periodic finite check).
+        totals = torch.zeros(3, device=self.device, dtype=torch.float64)  # loss*n, correct, n
+        first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
+        diverged_at = None
+        start = time.perf_counter()
+        batches = self.data.train_batches(
+            cfg.batch_size, epoch=self.epoch, seed=cfg.seed, drop_last=dist.world_size > 1,
+            rank=dist.rank, world_size=dist.world_size, channels_last=cfg.channels_last,
+        )
+        for i, (x, y) in enumerate(batches):  # x: (B, C, H, W) normalized, y: (B,)
+            with self.autocast():
+                logits = self.net(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.step += 1
+            with torch.no_grad():
+                n = y.numel()
+                totals += torch.stack([loss.detach().double() * n, (logits.argmax(1) == y).sum().double(),
+                                       torch.tensor(float(n), device=self.device, dtype=torch.float64)])
+                # the first non-finite step, tracked on the device without a sync
+                first_bad = torch.where(~torch.isfinite(loss.detach()) & (first_bad < 0), self.step, first_bad)
+            if (i + 1) % FINITE_CHECK_EVERY == 0 or i + 1 == self.steps_per_epoch:
+                earliest = dist.all_min(torch.where(first_bad < 0, NO_STEP, first_bad))
+                if earliest.item() != NO_STEP:
+                    diverged_at = int(earliest.item())
+                    break
+            progress.update(1)
+        seconds = time.perf_counter() - start
+        totals = dist.all_sum(totals)
+        loss_sum, correct, count = totals.tolist()
+        return {
+            "train_loss": loss_sum / max(count, 1),
+            "train_acc": correct / max(count, 1),
+            "epoch_time_s": seconds,
+            "images_per_s": count / seconds if seconds > 0 else 0.0,
+            "diverged_at_step": diverged_at,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.net.eval()
+        totals = torch.zeros(3, device=self.device, dtype=torch.float64)
+        for x, y in self.data.eval_batches(
+            self.cfg.eval_batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
+            channels_last=self.cfg.channels_last,
+        ):
+            with self.autocast():
+                logits = self.net(x)
+            loss = F.cross_entropy(logits.float(), y, reduction="sum")
+            totals += torch.stack([loss.double(), (logits.argmax(1) == y).sum().double(),
+                                   torch.tensor(float(y.numel()), device=self.device, dtype=torch.float64)])
+        loss_sum, correct, count = self.dist.all_sum(totals).tolist()
+        return {"eval_loss": loss_sum / max(count, 1), "eval_acc": correct / max(count, 1)}
+
+
+# --- progress ------------------------------------------------------------------------
+
+
+class _Progress:
+    """A tqdm bar on a terminal, a log line per epoch otherwise (or nothing)."""
+
+    def __init__(self, mode: str, total_steps: int, enabled: bool):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "log"
+        self.mode = mode if enabled else "none"
+        self.bar = None
+        if self.mode == "bar":
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, leave=False)
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        if self.bar is not None:
+            self.bar.set_description(f"epoch {epoch}/{epochs}")
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def end_epoch(self, row: dict[str, Any], epochs: int) -> None:
+        line = (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.4f}  "
+                f"eval_loss {row['eval_loss']:.4f}  eval_acc {row['eval_acc']:.4f}  lr {row['lr']:.4g}  "
+                f"{row['images_per_s']:.0f} img/s")
+        if self.bar is not None:
+            self.bar.write(line)
+        elif self.mode == "log":
+            log.info(line)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --- entry point -----------------------------------------------------------------------
+
+
+def _prepare_out(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
+    """Check the run directory; return the checkpoint to resume from (or None)."""
+    checkpoint = out / CHECKPOINT_FILE
+    if cfg.resume:
+        if not checkpoint.is_file():
+            if (out / CONFIG_FILE).is_file():
+                return None  # started, but killed before its first checkpoint: start over in place
+            raise SpecError(f"--resume: {str(out)!r} holds no run to resume (no {CHECKPOINT_FILE}); drop --resume to start one")
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a torn or foreign file
+            raise SpecError(f"--resume: checkpoint {str(checkpoint)!r} is corrupted or not a reslab checkpoint ({type(exc).__name__})") from None
+        saved = config_from_dict(state.get("config", {}))
+        for name in ("model", "norm", "init", "dataset", "seed", "batch_size", "optimizer", "schedule", "val_split"):
+            if getattr(saved, name) != getattr(cfg, name):
+                raise SpecError(
+                    f"--resume: --{name.replace('_', '-')} {getattr(cfg, name)!r} differs from the run in "
+                    f"{str(out)!r} ({getattr(saved, name)!r}); resume with the same settings or use another --out"
+                )
+        return state
+    if out.exists() and any(out.iterdir()):
+        raise SpecError(f"--out {str(out)!r} already holds files; pass --resume to continue that run or choose another --out")
+    return None
+
+
+def _check_writable(out: Path) -> None:
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise SpecError(f"--out {str(out)!r} is not writable ({str(parent)!r} does not accept new files)")
+
+
+def train(config: TrainConfig | dict[str, Any], dist: Dist | None = None) -> RunResult:
+    """Run ``config`` to the end; bad input raises SpecError before anything is written."""
+    cfg = config if isinstance(config, TrainConfig) else config_from_dict(config)
+    dist = dist or Dist()
+    check_config(cfg)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and dist.world_size > 1 and device.index is None:
+        device = torch.device("cuda", dist.local_rank)
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    if cfg.out is None:
+        cfg = config_from_dict({"out": str(out)}, cfg)
+    state = _prepare_out(cfg, out)
+    _check_writable(out)
+    trainer = Trainer(cfg, out, device, dist)  # loads data, builds the model: may still raise SpecError
+    if state is not None:
+        try:
+            trainer.load_state_dict(state)
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise SpecError(f"--resume: checkpoint in {str(out)!r} does not fit this config ({type(exc).__name__})") from None
+
+    record = {"world_size": dist.world_size, "per_device_batch": cfg.batch_size // dist.world_size}
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / CONFIG_FILE, cfg.to_yaml() + "".join(f"# {k}: {v}\n" for k, v in record.items()))
+        # Metrics past the checkpoint belong to an epoch that is about to be redone.
+        rows = [r for r in read_jsonl(out / METRICS_FILE) if r.get("epoch", 0) <= trainer.epoch]
+        rewrite_jsonl(out / METRICS_FILE, rows)
+    else:
+        rows = []
+    progress = _Progress(cfg.progress, trainer.steps_per_epoch * (cfg.epochs - trainer.epoch), dist.is_main)
+    status, diverged_at, error = "completed", None, None
+    started = time.perf_counter()
+    train_seconds, train_images = 0.0, 0.0
+    try:
+        while trainer.epoch < cfg.epochs:
+            progress.start_epoch(trainer.epoch + 1, cfg.epochs)
+            lr = trainer.optimizer.param_groups[0]["lr"]
+            stats = trainer.train_epoch(progress)
+            diverged_at = stats.pop("diverged_at_step")
+            if diverged_at is not None:
+                status = "diverged"
+                log.warning("loss is not finite at step %d (epoch %d): run diverged", diverged_at, trainer.epoch + 1)
+                break
+            trainer.epoch += 1
+            row = {"epoch": trainer.epoch, **{k: stats[k] for k in ("train_loss", "train_acc")},
+                   **trainer.evaluate(), "lr": lr, "epoch_time_s": stats["epoch_time_s"],
+                   "images_per_s": stats["images_per_s"]}
+            train_seconds += stats["epoch_time_s"]
+            train_images += stats["images_per_s"] * stats["epoch_time_s"]
+            if dist.is_main:
+                atomic_torch_save(out / CHECKPOINT_FILE, trainer.state_dict())
+                append_jsonl(out / METRICS_FILE, row)
+            rows.append(row)
+            progress.end_epoch(row, cfg.epochs)
+    except (SpecError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a run that breaks is recorded, not a traceback
+        status, error = "failed", f"{type(exc).__name__}: {exc}"
+        log.error("run failed: %s", error)
+    finally:
+        progress.close()
+    summary = {
+        "status": status,
+        "epochs_completed": trainer.epoch,
+        "epochs": cfg.epochs,
+        "final_eval_acc": rows[-1]["eval_acc"] if rows else None,
+        "best_eval_acc": max((r["eval_acc"] for r in rows), default=None),
+        "final_train_loss": rows[-1]["train_loss"] if rows else None,
+        "eval_split": trainer.data.eval_split,
+        "wall_time_s": time.perf_counter() - started,
+        "train_images_per_s": train_images / train_seconds if train_seconds > 0 else None,
+        "num_params": trainer.num_params,
+        **record,
+        "device": str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})",
+        "versions": versions(),
+    }
+    if diverged_at is not None:
+        summary["diverged_at_step"] = diverged_at
+    if error is not None:
+        summary["error"] = error
+    if dist.is_main:
+        atomic_write_json(out / SUMMARY_FILE, summary)
+    return RunResult(out=out, status=status, summary=summary)
+
+
+def config_fields() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]
