@@ -18,7 +18,6 @@ global RNG state (dropout) is restored from the checkpoint.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import platform
 import sys
