@@ -73,8 +73,10 @@ def _list_sources() -> dict[str, Callable[[], dict[str, str]]]:
     from .inits import list_inits
     from .models import list_models
     from .norms import list_norms
+    from .studies import list_studies
 
-    return {"models": list_models, "norms": list_norms, "inits": list_inits, "datasets": list_datasets}
+    return {"models": list_models, "norms": list_norms, "inits": list_inits, "datasets": list_datasets,
+            "studies": list_studies}
 
 
 @command("list", "list the models, norms, init schemes or datasets reslab knows", _add_list_arguments)
@@ -156,8 +158,8 @@ def add_config_flags(parser: argparse.ArgumentParser, *, as_lists: bool = False)
     from .config import TrainConfig, field_type
 
     for f in fields(TrainConfig):
-        if f.name in ("resume",) and as_lists:
-            continue
+        if as_lists and f.name in ("resume", "out"):
+            continue  # sweeps resume partial runs by themselves and name their own --out
         help_text = f.metadata.get("help", "")
         if f.metadata.get("choices"):
             help_text += f" ({', '.join(f.metadata['choices'])})"
@@ -194,6 +196,132 @@ def run_train(args: argparse.Namespace) -> int:
           f"final {s['eval_split']} acc {acc:.4f}" if acc is not None else f"{result.status}: no epoch completed",
           f"-> {result.out}")
     return EXIT_FAILED if result.status == "failed" else EXIT_OK
+
+
+# --- sweep, study, report --------------------------------------------------------------
+
+SWEEP_ONLY = ("seeds", "jobs", "launcher", "out")
+
+
+def _add_sweep_arguments(parser: argparse.ArgumentParser, *, study: bool = False) -> None:
+    if study:
+        parser.add_argument("name", help="study name (see `reslab list studies`)")
+    add_config_flags(parser, as_lists=True)
+    parser.add_argument("--seeds", default=argparse.SUPPRESS, metavar="S[,S...]",
+                        help="seeds to repeat every grid point with" + ("; default: the study's" if study else "; default 0"))
+    parser.add_argument("--out", default=argparse.SUPPRESS, metavar="DIR",
+                        help="sweep directory: one run directory per grid point and seed"
+                        + ("; default studies/NAME" if study else "; default sweeps/sweep"))
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (one per GPU where there are several)")
+    parser.add_argument("--launcher", default="local", help="where runs execute: local")
+
+
+def _split_grid(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """Flags with one value go to the base config, comma lists become grid axes."""
+    from .specs import split_list
+
+    base: dict[str, Any] = {}
+    grid: dict[str, list[str]] = {}
+    for name, value in vars(args).items():
+        if name in _GLOBAL_DESTS or name in SWEEP_ONLY or name == "name":
+            continue
+        values = split_list(value)
+        if any(not v for v in values):
+            raise UsageError(f"--{name.replace('_', '-')} {value!r} has an empty item")
+        if len(values) == 1:
+            base[name] = values[0]
+        else:
+            grid[name] = values
+    return base, grid
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in str(text).split(",")]
+    except ValueError:
+        raise UsageError(f"bad value {text!r} for --seeds: expected integers separated by commas, e.g. 0,1,2") from None
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds {text!r} repeats a seed")
+    return seeds
+
+
+def _print_sweep_end(result, report_obj) -> int:
+    counts: dict[str, int] = {}
+    for status in result.statuses.values():
+        counts[status] = counts.get(status, 0) + 1
+    print(report_obj.format_table())
+    print()
+    print(f"{len(result.runs)} runs ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}; "
+          f"{len(result.skipped)} already finished) in {result.out}")
+    print("report: " + ", ".join(str(p) for p in report_obj.files))
+    return EXIT_FAILED if result.failed else EXIT_OK
+
+
+@command("sweep", "run a grid of training runs: any train flag takes a comma list", _add_sweep_arguments)
+def run_sweep(args: argparse.Namespace) -> int:
+    from .report import report
+    from .sweep import sweep
+
+    base, grid = _split_grid(args)
+    out = getattr(args, "out", None) or "sweeps/sweep"
+    result = sweep(base, grid, seeds=_seeds(getattr(args, "seeds", "0")), out=out, jobs=args.jobs,
+                   launcher=args.launcher, write_report=False)
+    return _print_sweep_end(result, report(result.out))
+
+
+def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_sweep_arguments(parser, study=True)
+
+
+def _study_plan(args: argparse.Namespace):
+    from .studies import get_study
+
+    study = get_study(args.name)
+    base, grid = _split_grid(args)
+    plan_grid = {k: v for k, v in study.grid.items() if k not in base and k not in grid}
+    plan_grid.update(grid)
+    plan_base = {k: v for k, v in study.base.items() if k not in plan_grid}
+    plan_base.update(base)
+    seeds = _seeds(args.seeds) if hasattr(args, "seeds") else list(study.seeds)
+    out = getattr(args, "out", None) or f"studies/{study.name}"
+    return study, plan_base, plan_grid, seeds, out
+
+
+def _resolve_study(args: argparse.Namespace) -> dict[str, Any]:
+    study, base, grid, seeds, out = _study_plan(args)
+    return {"study": study.name, "claim": study.claim, "base": base, "grid": grid, "seeds": seeds, "out": out}
+
+
+@command("study", "run a named, documented sweep and report that reproduces a claim", _add_study_arguments,
+         _resolve_study)
+def run_study(args: argparse.Namespace) -> int:
+    from .report import report
+    from .sweep import sweep
+
+    study, base, grid, seeds, out = _study_plan(args)
+    print(f"study {study.name}: {study.claim}")
+    if study.notes:
+        print(f"  {study.notes}")
+    result = sweep(base, grid, seeds=seeds, out=out, jobs=args.jobs, launcher=args.launcher, write_report=False)
+    return _print_sweep_end(result, report(result.out))
+
+
+def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", help="a sweep or study directory (run directories below it)")
+    parser.add_argument("--group-by", default=None, metavar="FIELD[,FIELD...]",
+                        help="config fields to group runs by (default: the fields that vary)")
+
+
+@command("report", "tables and plots over the runs in a directory: mean and std over seeds", _add_report_arguments)
+def run_report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    group_by = [g.strip().replace("-", "_") for g in args.group_by.split(",")] if args.group_by else None
+    result = report(args.directory, group_by=group_by)
+    print(result.format_table())
+    print()
+    print("report: " + ", ".join(str(p) for p in result.files))
+    return EXIT_OK
 
 
 # --- config files -------------------------------------------------------------

@@ -5,6 +5,7 @@ Uses the non-interactive Agg backend so plotting works on servers and in CI.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,4 +50,115 @@ def plot_init_report(report: InitReport, path: str | Path, title: str = "") -> P
         ax.set_xticks(x, [r.path.removesuffix(".weight") for r in rows], rotation=60, ha="right", fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    return save_figure(fig, path)
+
+
+# --- sweep reports ------------------------------------------------------------------
+
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def series_style(i: int) -> dict:
+    """Color and line style of the i-th group: tab10 colors, a new line style every 10 groups.
+
+    Indexed by group (not by what a plot happens to show) so a group keeps its
+    color in every figure of a report.
+    """
+    return {"color": plt.get_cmap("tab10")(i % 10), "linestyle": _LINESTYLES[(i // 10) % len(_LINESTYLES)]}
+
+
+LEGEND_INSIDE_MAX = 6  # more series than this: the legend goes outside, right of the axes
+
+
+def plot_mean_curves(series: list[dict], path: str | Path, *, title: str, xlabel: str, ylabel: str,
+                     legend_title: str = "", note: str = "") -> Path:
+    """One line per series (mean) with a shaded ±std band; log y if the values span >2 decades.
+
+    Each series is ``{"label", "x", "mean", "std"}`` (``std`` entries may be NaN:
+    no band there, e.g. an epoch only one run reached), optionally with
+    ``"style"`` (``series_style(i)``; default: by position).  ``note`` is printed under
+    the axes (what is not shown and why).
+    """
+    import numpy as np
+
+    many = len(series) > LEGEND_INSIDE_MAX
+    fig, ax = plt.subplots(figsize=(10.5 if many else 8.0, 4.8))
+    values = [v for s in series for v in s["mean"] if not math.isnan(v)]
+    log_y = bool(values) and min(values) > 0 and max(values) / min(values) > 100
+    for i, s in enumerate(series):
+        style = s.get("style") or series_style(i)
+        color = style["color"]
+        x = np.asarray(s["x"], dtype=float)
+        mean = np.asarray(s["mean"], dtype=float)
+        std = np.asarray(s["std"], dtype=float)
+        ax.plot(x, mean, label=s["label"], linewidth=1.8, marker="o" if len(x) <= 20 else None, markersize=3.5,
+                **style)
+        lo, hi = mean - std, mean + std
+        if log_y:  # a band reaching 0 or below cannot be drawn on a log axis: leave that part out
+            lo = np.where(lo > 0, lo, np.nan)
+        ax.fill_between(x, lo, hi, color=color, alpha=0.18, linewidth=0)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    if series and max(len(s["x"]) for s in series) <= 20:
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    if not series:
+        ax.text(0.5, 0.5, "no completed run has metrics to plot", ha="center", va="center",
+                transform=ax.transAxes, color="0.4")
+    elif many:
+        ax.legend(title=legend_title or None, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
+                  title_fontsize=9, frameon=False)
+    else:
+        ax.legend(title=legend_title or None, fontsize=9, title_fontsize=9)
+    if note:
+        ax.text(0.0, -0.16, note, ha="left", va="top", transform=ax.transAxes, fontsize=8, color="0.35")
+    return save_figure(fig, path)
+
+
+def plot_mean_bars(labels: list[str], means: list[float | None], stds: list[float | None], path: str | Path, *,
+                   title: str, xlabel: str, ylabel: str, notes: list[str] | None = None,
+                   ylim: tuple[float, float] | None = None) -> Path:
+    """One bar per group (mean) with ±std error bars, the value written above each bar.
+
+    A group without a mean (no completed run) gets no bar, only its note.  ``notes``
+    (one per group, may be empty) go under the value, e.g. "1 diverged".
+    """
+    n = len(labels)
+    notes = notes or [""] * n
+    longest = max((len(line) for label in labels for line in label.splitlines()), default=0)
+    width = min(20.0, max(6.0, 0.75 * n + 2.5))
+    # Rotate the tick labels when the longest would not fit its bar's slot (~0.085 in per 10 pt character).
+    rotate = longest * 0.085 > 0.9 * (width - 1.5) / max(n, 1)
+    fig, ax = plt.subplots(figsize=(width, 4.8 + (0.06 * longest if rotate else 0)))
+    x = list(range(n))
+    colors = [series_style(i)["color"] for i in range(n)]
+    heights = [m if m is not None else 0.0 for m in means]
+    errors = [s if s is not None else 0.0 for s in stds]
+    ax.bar(x, heights, yerr=errors, color=colors, alpha=0.85, capsize=4,
+           error_kw={"elinewidth": 1.2, "ecolor": "0.15"})
+    top = ylim[1] if ylim else max([h + e for h, e in zip(heights, errors)] + [1.0])
+    small = n > 10
+    for i, (m, s, note) in enumerate(zip(means, stds, notes)):
+        if m is None:
+            text, y = note or "no completed run", 0.0
+        else:
+            text = f"{m:.1f}" if s is None else f"{m:.1f}\n±{s:.1f}"
+            text += f"\n{note}" if note else ""
+            y = m + (s or 0.0)
+        ax.text(i, y + 0.01 * top, text, ha="center", va="bottom", fontsize=7 if small else 8.5,
+                color="tab:red" if m is None else "0.1")
+    ax.set_xticks(x, labels, rotation=30 if rotate else 0, ha="right" if rotate else "center",
+                  rotation_mode="anchor" if rotate else "default")
+    if ylim:  # headroom above the top for the value labels; ticks stay within ylim
+        ax.set_ylim(ylim[0], ylim[1] + 0.16 * (ylim[1] - ylim[0]))
+        ax.set_yticks([t for t in ax.get_yticks() if ylim[0] <= t <= ylim[1]])
+    ax.set_xlim(-0.6, n - 0.4)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
     return save_figure(fig, path)

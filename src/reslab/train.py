@@ -91,6 +91,27 @@ def check_config(cfg: TrainConfig) -> None:
         raise SpecError(f"--precision {cfg.precision} needs a CUDA device; on the CPU use --precision fp32")
 
 
+def preflight(configs: list[TrainConfig]) -> None:
+    """Check configs as deeply as possible without training: specs, datasets, model builds.
+
+    Each distinct dataset is loaded once (so a missing one is reported now) and
+    every model is built on the ``meta`` device, which allocates nothing, so an
+    impossible option (``gn:5`` on a 16-channel layer) surfaces before any run
+    starts.
+    """
+    datasets: dict[tuple, Dataset] = {}
+    for cfg in configs:
+        check_config(cfg)
+        key = (cfg.dataset, cfg.data_dir, cfg.download, cfg.val_split)
+        if key not in datasets:
+            datasets[key] = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
+                                         val_split=cfg.val_split, seed=cfg.seed)
+        data = datasets[key]
+        with torch.device("meta"):
+            build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels, norm=cfg.norm,
+                        input_size=data.image_size, **cfg.model_options())
+
+
 def default_out(cfg: TrainConfig) -> Path:
     slug = "-".join(str(v) for v in (cfg.model, cfg.norm, cfg.init, cfg.dataset.split(":")[0], f"seed{cfg.seed}"))
     return Path("runs") / "".join(c if c.isalnum() or c in "-_.=" else "_" for c in slug)

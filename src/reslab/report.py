@@ -1,0 +1,568 @@
+"""``reslab report DIR``: compare the runs of a sweep, grouped by what varies.
+
+Every folder under DIR (up to two levels down) that holds a ``config.yaml`` is a
+run.  Runs are grouped by the config fields whose values differ between them
+(the seed and the fields that only say *where* or *how* a run executes never
+define a group), and each group is summarised as mean ± sample std (ddof=1)
+over its completed runs - the airbench way of reporting results.  Diverged and
+failed runs are counted, never averaged: one NaN run must not hide behind a
+mean, and must not drag it either.
+
+Written into DIR (each file atomically: whole or absent):
+
+- ``report.csv``     one row per group, accuracies as fractions (machine-readable)
+- ``report.md``      the same table, accuracies in % with ±, and the eval split
+- ``train_loss.png`` train-loss curves per group (mean ± std over runs per epoch)
+- ``eval_acc.png``   final eval accuracy per group, bars with ±std error bars
+- ``report.html``    one self-contained page: table and plots (inline base64 PNGs)
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import logging
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import __version__
+from .config import TrainConfig
+from .errors import SpecError
+from .fileio import atomic_write_text, read_jsonl
+from .plots import plot_mean_bars, plot_mean_curves, series_style
+from .tables import format_table
+from .sweep import SWEEP_PLAN
+from .train import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+
+log = logging.getLogger(__name__)
+
+# Fields that never define a group: the seed is what a group averages over; the
+# rest say where or how a run executes, not what it computes.
+NEVER_GROUP = ("seed", "out", "resume", "progress", "device", "data_dir", "download", "compile")
+MAX_DEPTH = 2  # DIR/<run> and DIR/<sweep>/<run>
+CSV_FILE, MD_FILE, HTML_FILE = "report.csv", "report.md", "report.html"
+LOSS_PLOT, ACC_PLOT = "train_loss.png", "eval_acc.png"
+STAT_COLUMNS = ("n", "completed", "diverged", "eval_acc_mean", "eval_acc_std", "best_eval_acc_mean",
+                "train_loss_mean", "train_loss_std", "wall_time_s_mean")
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict[str, Any]
+    summary: dict[str, Any] | None  # None: the run has not finished (no summary.json)
+    metrics: list[dict[str, Any]]
+
+    @property
+    def status(self) -> str:
+        return self.summary.get("status", "failed") if self.summary is not None else "incomplete"
+
+
+@dataclass
+class Report:
+    """What ``report()`` found and wrote.  ``groups`` rows hold fractions (not %)."""
+
+    directory: Path
+    fields: list[str]  # the config fields that define the groups (TrainConfig names)
+    groups: list[dict[str, Any]]  # one row per group: fields, then STAT_COLUMNS
+    files: list[Path]
+    eval_split: str  # "test", "val", or "test, val" when the runs disagree
+    incomplete: int = 0  # runs without a summary.json, left out of every number
+    runs: list[Run] = field(default_factory=list, repr=False)
+
+    def format_table(self) -> str:
+        """The table for the terminal: accuracies in %, mean ± std."""
+        split = _split_word(self.eval_split)
+        headers = [*self.fields, "n", "completed", "diverged", f"{split} acc %", f"best {split} acc %",
+                   "train loss", "wall s"]
+        acc = _rjust([_pm(g["eval_acc_mean"], g["eval_acc_std"], 100, 2) for g in self.groups])
+        loss = _rjust([_pm(g["train_loss_mean"], g["train_loss_std"], 1, 4) for g in self.groups])
+        rows = [
+            [*(_label(g[f]) for f in self.fields), g["n"], g["completed"], g["diverged"], a,
+             _pct(g["best_eval_acc_mean"]), l, g["wall_time_s_mean"]]
+            for g, a, l in zip(self.groups, acc, loss)
+        ]
+        return format_table(headers, rows)
+
+
+def report(directory: str | Path, *, group_by: str | Sequence[str] | None = None,
+           out: str | Path | None = None) -> Report:
+    """Summarise the runs under ``directory``; write CSV, markdown, PNGs and HTML into ``out`` (default: it).
+
+    ``group_by`` (field names, or one comma-separated string) replaces the
+    automatic choice of the varied fields; ``[]`` pools every run into one group.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise SpecError(f"report: {str(directory)!r} is not a directory")
+    found = _in_sweep_order(root, find_runs(root))
+    finished = [r for r in found if r.summary is not None]
+    if not finished:
+        if found:
+            raise SpecError(f"report: none of the {len(found)} runs in {str(directory)!r} has finished (no {SUMMARY_FILE})")
+        raise SpecError(f"report: no runs in {str(directory)!r} (no folder with a {CONFIG_FILE})")
+    incomplete = len(found) - len(finished)
+    if incomplete:
+        log.info("%d of %d runs have not finished (no %s) and are left out", incomplete, len(found), SUMMARY_FILE)
+    for run in finished:
+        if run.status == "failed":
+            log.warning("run %s failed: %s", run.path, run.summary.get("error", "no error recorded"))
+
+    names = _config_names(finished)
+    group_fields = _resolve_group_by(group_by, names) if group_by is not None else varied_fields(finished, names)
+    groups = _group(finished, group_fields)
+    rows = [_row(key, runs, group_fields) for key, runs in groups]
+    splits = sorted({str(r.summary.get("eval_split")) for r in finished if r.summary.get("eval_split")})
+    eval_split = ", ".join(splits) or "test"
+    if len(splits) > 1:
+        log.warning("runs evaluate on different splits (%s): the accuracies are not comparable", eval_split)
+
+    result = Report(directory=root, fields=group_fields, groups=rows, files=[], eval_split=eval_split,
+                    incomplete=incomplete, runs=finished)
+    dest = Path(out) if out is not None else root
+    started = time.perf_counter()
+    labels = [_group_label(row, group_fields) for row in rows]
+    loss_png = _plot_losses(groups, labels, group_fields, dest / LOSS_PLOT)
+    acc_png = _plot_accuracy(rows, labels, group_fields, eval_split, dest / ACC_PLOT)
+    csv_file = atomic_write_text(dest / CSV_FILE, to_csv(result))
+    md_file = atomic_write_text(dest / MD_FILE, to_markdown(result))
+    html_file = atomic_write_text(dest / HTML_FILE, to_html(result, [loss_png, acc_png]))
+    result.files = [csv_file, md_file, loss_png, acc_png, html_file]
+    log.info("report: %d runs in %d groups, written to %s in %.1fs", len(finished), len(rows), dest,
+             time.perf_counter() - started)
+    return result
+
+
+# --- finding and reading runs ---------------------------------------------------------
+
+
+def _in_sweep_order(root: Path, runs: list[Run]) -> list[Run]:
+    """Runs in the order their sweep listed them (its ``sweep.yaml``), so text values
+    such as init names keep the order the study chose; path order otherwise."""
+    plan = root / SWEEP_PLAN
+    try:
+        order = {run_id: i for i, run_id in enumerate(yaml.safe_load(plan.read_text())["runs"])}
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return runs
+    return sorted(runs, key=lambda r: order.get(r.path.name, len(order)))
+
+
+def find_runs(root: Path) -> list[Run]:
+    """Every run directory at ``root`` or up to MAX_DEPTH levels below it, in path order."""
+    runs: list[Run] = []
+
+    def visit(folder: Path, depth: int) -> None:
+        if (folder / CONFIG_FILE).is_file():
+            run = _read_run(folder)
+            if run is not None:
+                runs.append(run)
+            return  # a run directory holds no runs
+        if depth == MAX_DEPTH:
+            return
+        for child in sorted(folder.iterdir()):
+            if child.is_dir() and not child.name.startswith("."):
+                visit(child, depth + 1)
+
+    visit(root, 0)
+    return runs
+
+
+def _read_run(folder: Path) -> Run | None:
+    try:
+        config = yaml.safe_load((folder / CONFIG_FILE).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        log.warning("skipping %s: unreadable %s (%s)", folder, CONFIG_FILE, type(exc).__name__)
+        return None
+    if not isinstance(config, dict):
+        log.warning("skipping %s: %s is not a mapping", folder, CONFIG_FILE)
+        return None
+    config = {str(k).replace("-", "_"): v for k, v in config.items()}
+    summary = None
+    if (folder / SUMMARY_FILE).is_file():
+        try:
+            summary = json.loads((folder / SUMMARY_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            log.warning("%s: unreadable %s; counted as not finished", folder, SUMMARY_FILE)
+        if not isinstance(summary, dict):
+            summary = None
+    return Run(path=folder, config=config, summary=summary, metrics=read_jsonl(folder / METRICS_FILE))
+
+
+# --- grouping ------------------------------------------------------------------------------
+
+
+_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+
+
+def _config_names(runs: list[Run]) -> list[str]:
+    """Every config key the runs use: TrainConfig's fields in their order, then unknown keys sorted."""
+    keys = {k for r in runs for k in r.config}
+    return [n for n in _DEFAULTS if n in keys] + sorted(keys - _DEFAULTS.keys())
+
+
+def _value(run: Run, name: str) -> Any:
+    """A run's value for a field, hashable; a key its config lacks has the field's default."""
+    value = run.config.get(name, _DEFAULTS.get(name))
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def varied_fields(runs: list[Run], names: list[str] | None = None) -> list[str]:
+    """The config fields (besides NEVER_GROUP) that do not hold one value across ``runs``."""
+    names = names if names is not None else _config_names(runs)
+    return [n for n in names if n not in NEVER_GROUP and len({_value(r, n) for r in runs}) > 1]
+
+
+def _resolve_group_by(group_by: str | Sequence[str], names: list[str]) -> list[str]:
+    requested = group_by.split(",") if isinstance(group_by, str) else list(group_by)
+    resolved = []
+    for item in requested:
+        name = str(item).strip().lstrip("-").replace("-", "_")
+        if not name:
+            continue
+        if name not in names:
+            raise SpecError(f"report: unknown --group-by field {str(item).strip()!r}; valid fields: {', '.join(names)}")
+        if name not in resolved:
+            resolved.append(name)
+    return resolved
+
+
+def _value_order(runs: list[Run], name: str) -> dict[Any, tuple]:
+    """Rank of each value of a field: numbers ascending, everything else in order of first appearance."""
+    seen: list[Any] = []
+    for run in runs:
+        value = _value(run, name)
+        if value not in seen:
+            seen.append(value)
+
+    def is_number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    numbers = sorted(v for v in seen if is_number(v))
+    others = [v for v in seen if not is_number(v)]
+    # None (the field's "default") first, then numbers by value, then the rest as they appear
+    ordered = [v for v in others if v is None] + numbers + [v for v in others if v is not None]
+    return {v: (i,) for i, v in enumerate(ordered)}
+
+
+def _group(runs: list[Run], group_fields: list[str]) -> list[tuple[tuple, list[Run]]]:
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(tuple(_value(run, n) for n in group_fields), []).append(run)
+    orders = [_value_order(runs, n) for n in group_fields]
+    return sorted(groups.items(), key=lambda item: tuple(o[v] for o, v in zip(orders, item[0])))
+
+
+# --- statistics --------------------------------------------------------------------------
+
+
+def _finite(values: list[Any]) -> list[float]:
+    return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def _std(values: list[float]) -> float | None:
+    """Sample standard deviation (ddof=1); None (an empty cell) for fewer than two runs."""
+    return statistics.stdev(values) if len(values) >= 2 else None
+
+
+def _row(key: tuple, runs: list[Run], group_fields: list[str]) -> dict[str, Any]:
+    completed = [r for r in runs if r.status == "completed"]  # the only runs the means average
+
+    def stat(name: str) -> list[float]:
+        return _finite([r.summary.get(name) for r in completed])
+
+    acc, loss = stat("final_eval_acc"), stat("final_train_loss")
+    return {
+        **dict(zip(group_fields, key)),
+        "n": len(runs),
+        "completed": len(completed),
+        "diverged": sum(r.status == "diverged" for r in runs),
+        "eval_acc_mean": _mean(acc),
+        "eval_acc_std": _std(acc),
+        "best_eval_acc_mean": _mean(stat("best_eval_acc")),
+        "train_loss_mean": _mean(loss),
+        "train_loss_std": _std(loss),
+        "wall_time_s_mean": _mean(stat("wall_time_s")),
+    }
+
+
+def _loss_curve(runs: list[Run]) -> dict[str, list[float]] | None:
+    """Mean and sample std of train_loss per epoch over the completed runs that reached that epoch."""
+    per_epoch: dict[int, list[float]] = {}
+    for run in runs:
+        if run.status != "completed":
+            continue
+        for row in run.metrics:
+            loss = _finite([row.get("train_loss")])
+            if loss and isinstance(row.get("epoch"), int):
+                per_epoch.setdefault(row["epoch"], []).extend(loss)
+    if not per_epoch:
+        return None
+    epochs = sorted(per_epoch)
+    return {
+        "x": epochs,
+        "mean": [statistics.fmean(per_epoch[e]) for e in epochs],
+        "std": [s if (s := _std(per_epoch[e])) is not None else math.nan for e in epochs],
+    }
+
+
+# --- formatting ----------------------------------------------------------------------------
+
+
+def _label(value: Any) -> str:
+    """A config value as the CLI spells it: true/false, 'default' for None."""
+    if value is None:
+        return "default"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _csv_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _pm(mean: float | None, std: float | None, scale: float, digits: int) -> str:
+    if mean is None:
+        return "-"
+    text = f"{mean * scale:.{digits}f}"
+    return text if std is None else f"{text} ± {std * scale:.{digits}f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _rjust(cells: list[str]) -> list[str]:
+    width = max((len(c) for c in cells), default=0)
+    return [c.rjust(width) for c in cells]
+
+
+def _split_word(eval_split: str) -> str:
+    """The accuracy's name: test, val - or eval when the runs mix splits."""
+    return eval_split if eval_split in ("test", "val") else "eval"
+
+
+def _split_sentence(eval_split: str) -> str:
+    if eval_split == "test":
+        return "Accuracy is measured on the **test** split."
+    if eval_split == "val":
+        return "Accuracy is measured on a **validation** split held out of the training data (not the test split)."
+    return f"Warning: the runs evaluate on different splits ({eval_split}); their accuracies are not comparable."
+
+
+def _group_label(row: dict[str, Any], group_fields: list[str]) -> str:
+    if not group_fields:
+        return "all runs"
+    return ", ".join(_label(row[f]) for f in group_fields)
+
+
+def _display_table(result: Report) -> tuple[list[str], list[list[str]]]:
+    """Headers and text cells shared by the markdown and HTML tables."""
+    split = _split_word(result.eval_split)
+    headers = [*result.fields, "n", "completed", "diverged", f"{split} acc (%)", f"best {split} acc (%)",
+               "final train loss", "wall time (s)"]
+    rows = []
+    for g in result.groups:
+        wall = g["wall_time_s_mean"]
+        rows.append([*(_label(g[f]) for f in result.fields), str(g["n"]), str(g["completed"]), str(g["diverged"]),
+                     _pm(g["eval_acc_mean"], g["eval_acc_std"], 100, 2), _pct(g["best_eval_acc_mean"]),
+                     _pm(g["train_loss_mean"], g["train_loss_std"], 1, 4), "-" if wall is None else f"{wall:.1f}"])
+    return headers, rows
+
+
+def _method_note(result: Report) -> str:
+    failed = sum(r.status == "failed" for r in result.runs)
+    note = ("Mean ± sample standard deviation (ddof=1) over the completed runs of each group, final epoch; "
+            "no ± with fewer than two completed runs. Diverged and failed runs count in n but not in the means.")
+    if failed:
+        note += f" {failed} run{'s' if failed != 1 else ''} failed (n - completed - diverged)."
+    if result.incomplete:
+        note += f" {result.incomplete} unfinished run{'s' if result.incomplete != 1 else ''} (no summary.json) left out."
+    return note
+
+
+def to_csv(result: Report) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([*result.fields, *STAT_COLUMNS])
+    for g in result.groups:
+        writer.writerow([_csv_value(g[c]) for c in (*result.fields, *STAT_COLUMNS)])
+    return buffer.getvalue()
+
+
+def to_markdown(result: Report) -> str:
+    headers, rows = _display_table(result)
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    numeric_from = len(result.fields)
+    align = ["---" if i < numeric_from else "---:" for i in range(len(headers))]
+    varied = ", ".join(f"`{f}`" for f in result.fields) or "nothing (one group)"
+    runs = len(result.runs)
+    return "\n".join([
+        f"# reslab report: {result.directory}",
+        "",
+        (f"{runs} run{'s' if runs != 1 else ''} in {len(result.groups)} "
+         f"group{'s' if len(result.groups) != 1 else ''}; grouped by {varied}."),
+        "",
+        line(headers), line(align), *(line(r) for r in rows),
+        "",
+        _split_sentence(result.eval_split),
+        _method_note(result),
+        "",
+        f"![train loss per epoch]({LOSS_PLOT})",
+        "",
+        f"![final {_split_word(result.eval_split)} accuracy per group]({ACC_PLOT})",
+        "",
+    ])
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1100px;
+       padding: 0 1rem; color: #1a1a1a; line-height: 1.45; }
+h1 { font-size: 1.5rem; margin-bottom: 0.2rem; }
+p.meta { color: #555; margin-top: 0; }
+table { border-collapse: collapse; margin: 1rem 0; font-size: 0.92rem; }
+th, td { border: 1px solid #ccc; padding: 0.3rem 0.65rem; }
+th { background: #f0f0f0; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tbody tr:nth-child(even) { background: #fafafa; }
+figure { margin: 1.5rem 0; }
+figure img { max-width: 100%; height: auto; border: 1px solid #e4e4e4; }
+figcaption { color: #555; font-size: 0.9rem; }
+.note { color: #555; font-size: 0.9rem; }
+.warn { color: #a40000; }
+"""
+
+# Marks each image once the browser has decoded it (data-loaded, its natural size
+# and where it sits), so a headless browser's DOM dump shows that the page renders.
+_SCRIPT = """
+window.addEventListener("load", () => {
+  for (const img of document.images) {
+    const box = img.getBoundingClientRect();
+    img.dataset.loaded = img.complete && img.naturalWidth > 0 ? "true" : "false";
+    img.dataset.naturalWidth = img.naturalWidth;
+    img.dataset.naturalHeight = img.naturalHeight;
+    img.dataset.box = [box.left, box.top + window.scrollY, box.width, box.height].map(Math.round).join(",");
+  }
+});
+"""
+
+
+def to_html(result: Report, images: list[Path]) -> str:
+    """One self-contained page: inline CSS, the plots as base64 data URIs, no external resources."""
+    esc = html.escape
+    headers, rows = _display_table(result)
+    numeric_from = len(result.fields)
+    head = "".join(f'<th scope="col">{esc(h)}</th>' for h in headers)
+    body = "\n".join(
+        "<tr>" + "".join(f'<td{" class=num" if i >= numeric_from else ""}>{esc(c)}</td>' for i, c in enumerate(r)) + "</tr>"
+        for r in rows
+    )
+    split = _split_word(result.eval_split)
+    captions = {
+        LOSS_PLOT: ("Training loss per epoch for each group: mean over completed runs, shaded band ±1 std.",
+                    "Train loss per epoch for each group (mean ± std over runs)"),
+        ACC_PLOT: (f"Final {split} accuracy per group: mean over completed runs, error bars ±1 std.",
+                   f"Bar chart of final {split} accuracy per group with standard-deviation error bars"),
+    }
+    figures = []
+    for path in images:
+        caption, alt = captions.get(path.name, (path.name, path.name))
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        figures.append(f'<figure><img src="data:image/png;base64,{data}" alt="{esc(alt)}">'
+                       f"<figcaption>{esc(caption)}</figcaption></figure>")
+    split_text = _split_sentence(result.eval_split).replace("**", "")
+    varied = ", ".join(result.fields) or "nothing (one group)"
+    generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>reslab report: {esc(str(result.directory))}</title>
+<style>{_CSS}</style>
+</head>
+<body>
+<h1>reslab report</h1>
+<p class="meta">{len(result.runs)} runs in {len(result.groups)} groups, grouped by {esc(varied)}.</p>
+<table id="summary">
+<thead><tr>{head}</tr></thead>
+<tbody>
+{body}
+</tbody>
+</table>
+<p class="{'note' if split in ('test', 'val') else 'warn'}" id="eval-split">{esc(split_text)}</p>
+<p class="note">{esc(_method_note(result))}</p>
+{chr(10).join(figures)}
+<p class="note" id="generated">Generated by reslab {esc(__version__)} from {esc(str(result.directory.resolve()))} on {esc(generated)}.</p>
+<script>{_SCRIPT}</script>
+</body>
+</html>
+"""
+
+
+# --- plots -----------------------------------------------------------------------------------
+
+
+def _lost_counts(diverged: int, failed: int) -> str:
+    return ", ".join(f"{k} {what}" for k, what in ((diverged, "diverged"), (failed, "failed")) if k)
+
+
+def _lost(runs: list[Run]) -> str:
+    return _lost_counts(sum(r.status == "diverged" for r in runs), sum(r.status == "failed" for r in runs))
+
+
+def _legend_title(group_fields: list[str]) -> str:
+    return ", ".join(group_fields)
+
+
+def _plot_losses(groups: list[tuple[tuple, list[Run]]], labels: list[str], group_fields: list[str],
+                 path: Path) -> Path:
+    series, left_out = [], []
+    for i, ((_, runs), label) in enumerate(zip(groups, labels)):
+        curve = _loss_curve(runs)
+        excluded = sum(r.status != "completed" for r in runs)
+        if curve is None:
+            left_out.append(f"{label} ({_lost(runs) or 'no metrics'})")
+            continue
+        n = sum(r.status == "completed" for r in runs)
+        suffix = f" ({n} run{'s' if n != 1 else ''}" + (f"; {_lost(runs)} not shown)" if excluded else ")")
+        series.append({"label": label + suffix, "style": series_style(i), **curve})
+    note = ("not shown: " + "; ".join(left_out)) if left_out else ""
+    return plot_mean_curves(series, path, title="Training loss per epoch (mean ± std over completed runs)",
+                            xlabel="epoch", ylabel="train loss", legend_title=_legend_title(group_fields), note=note)
+
+
+def _plot_accuracy(rows: list[dict[str, Any]], labels: list[str], group_fields: list[str], eval_split: str,
+                   path: Path) -> Path:
+    split = _split_word(eval_split)
+    means = [None if r["eval_acc_mean"] is None else 100 * r["eval_acc_mean"] for r in rows]
+    stds = [None if r["eval_acc_std"] is None else 100 * r["eval_acc_std"] for r in rows]
+    notes = [_lost_counts(r["diverged"], r["n"] - r["completed"] - r["diverged"]) for r in rows]
+    return plot_mean_bars(labels, means, stds, path, title=f"Final {split} accuracy (mean ± std over completed runs)",
+                          xlabel=_legend_title(group_fields) or "all runs", ylabel=f"{split} accuracy (%)",
+                          notes=notes, ylim=(0.0, 100.0))

@@ -1,0 +1,280 @@
+"""reslab report: grouping, exact statistics, the files it writes, the page in a real browser, bad input."""
+
+import csv
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+
+from reslab.config import TrainConfig
+from reslab.errors import SpecError
+from reslab.report import NEVER_GROUP, report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_run(root, name, *, status="completed", acc=None, loss=None, wall=10.0, epochs=3, eval_split="test",
+             summary=True, **config):
+    """A run directory as ``reslab train`` leaves it: config.yaml, metrics.jsonl, summary.json."""
+    run = root / name
+    run.mkdir(parents=True)
+    cfg = TrainConfig(**{"out": str(run), "epochs": epochs, **config})
+    (run / "config.yaml").write_text(cfg.to_yaml() + "# world_size: 1\n# per_device_batch: 128\n")
+    done = epochs if status == "completed" else epochs - 1
+    rows = []
+    for e in range(1, done + 1):  # loss falls to `loss` at the last epoch, accuracy rises to `acc`
+        rows.append({"epoch": e, "train_loss": loss * (epochs - e + 1), "train_acc": 0.5, "eval_loss": 1.0,
+                     "eval_acc": acc - 0.01 * (epochs - e), "lr": 0.1, "epoch_time_s": 1.0, "images_per_s": 1000.0})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if summary:
+        (run / "summary.json").write_text(json.dumps({
+            "status": status, "epochs_completed": done, "epochs": epochs,
+            "final_eval_acc": rows[-1]["eval_acc"] if rows else None,
+            "best_eval_acc": max((r["eval_acc"] for r in rows), default=None),
+            "final_train_loss": rows[-1]["train_loss"] if rows else None,
+            "eval_split": eval_split, "wall_time_s": wall,
+        }))
+    return run
+
+
+# zeros: seed 2 diverges (its numbers would pull the mean far down if they counted);
+# kaiming_normal: three completed runs, plus one that never finished (no summary).
+ZEROS = {0: (0.40, 1.50, 11.0), 1: (0.46, 1.40, 13.0), 2: (0.10, 2.30, 5.0)}
+KAIMING = {0: (0.9712, 0.100, 20.0), 1: (0.9683, 0.120, 22.0), 2: (0.9751, 0.090, 21.0)}
+
+
+@pytest.fixture
+def init_sweep(tmp_path):
+    root = tmp_path / "sweep"
+    for seed, (acc, loss, wall) in ZEROS.items():
+        make_run(root, f"init-zeros-seed{seed}", init="zeros", seed=seed, acc=acc, loss=loss, wall=wall,
+                 status="diverged" if seed == 2 else "completed", device="cuda:0" if seed else "cpu")
+    for seed, (acc, loss, wall) in KAIMING.items():
+        make_run(root, f"init-kaiming_normal-seed{seed}", init="kaiming_normal", seed=seed, acc=acc, loss=loss,
+                 wall=wall)
+    make_run(root, "init-kaiming_normal-seed3", init="kaiming_normal", seed=3, acc=0.5, loss=9.0, summary=False)
+    return root
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_csv_has_exact_means_stds_and_counts(init_sweep, caplog):
+    with caplog.at_level("INFO", logger="reslab.report"):
+        result = report(init_sweep)
+    assert "1 of 7 runs have not finished" in caplog.text
+    rows = read_csv(init_sweep / "report.csv")
+    # only init varies: seed, out and device differ between runs but never define a group
+    assert result.fields == ["init"]
+    assert list(rows[0]) == ["init", "n", "completed", "diverged", "eval_acc_mean", "eval_acc_std",
+                             "best_eval_acc_mean", "train_loss_mean", "train_loss_std", "wall_time_s_mean"]
+    assert [r["init"] for r in rows] == ["kaiming_normal", "zeros"]  # order of first appearance (sorted run ids)
+    kaiming, zeros = rows
+
+    acc = [a for a, _, _ in KAIMING.values()]
+    loss = [l for _, l, _ in KAIMING.values()]
+    assert (kaiming["n"], kaiming["completed"], kaiming["diverged"]) == ("3", "3", "0")  # unfinished run not counted
+    assert float(kaiming["eval_acc_mean"]) == pytest.approx(statistics.fmean(acc), abs=1e-12)
+    assert float(kaiming["eval_acc_std"]) == pytest.approx(statistics.stdev(acc), abs=1e-12)
+    assert float(kaiming["best_eval_acc_mean"]) == pytest.approx(statistics.fmean(acc), abs=1e-12)
+    assert float(kaiming["train_loss_mean"]) == pytest.approx(statistics.fmean(loss), abs=1e-12)
+    assert float(kaiming["train_loss_std"]) == pytest.approx(statistics.stdev(loss), abs=1e-12)
+    assert float(kaiming["wall_time_s_mean"]) == pytest.approx(21.0)
+
+    kept = [ZEROS[0], ZEROS[1]]  # seed 2 diverged: counted, not averaged
+    assert (zeros["n"], zeros["completed"], zeros["diverged"]) == ("3", "2", "1")
+    assert float(zeros["eval_acc_mean"]) == pytest.approx(statistics.fmean(a for a, _, _ in kept), abs=1e-12)
+    assert float(zeros["eval_acc_std"]) == pytest.approx(statistics.stdev([a for a, _, _ in kept]), abs=1e-12)
+    assert float(zeros["train_loss_mean"]) == pytest.approx(statistics.fmean(l for _, l, _ in kept), abs=1e-12)
+    assert float(zeros["train_loss_std"]) == pytest.approx(statistics.stdev([l for _, l, _ in kept]), abs=1e-12)
+    assert float(zeros["wall_time_s_mean"]) == pytest.approx(12.0)
+
+    assert result.groups[1]["eval_acc_mean"] == pytest.approx(0.43)
+    assert result.incomplete == 1
+    assert {p.name for p in result.files} == {"report.csv", "report.md", "report.html", "train_loss.png",
+                                              "eval_acc.png"}
+    table = result.format_table()
+    assert "97.15 ± 0.34" in table and "43.00 ± 4.24" in table and "test acc %" in table
+
+
+def test_std_is_empty_with_one_completed_run_and_means_empty_with_none(tmp_path):
+    make_run(tmp_path, "a", norm="bn", acc=0.8, loss=0.5)
+    make_run(tmp_path, "b", norm="gn", acc=0.1, loss=2.0, status="diverged")
+    make_run(tmp_path, "c", norm="gn", acc=0.1, loss=2.0, status="failed")
+    report(tmp_path)
+    bn, gn = read_csv(tmp_path / "report.csv")
+    assert bn["eval_acc_mean"] == "0.8" and bn["eval_acc_std"] == "" and bn["train_loss_std"] == ""
+    assert (gn["n"], gn["completed"], gn["diverged"]) == ("2", "0", "1")  # the failed run: n - completed - diverged
+    assert all(gn[c] == "" for c in ("eval_acc_mean", "eval_acc_std", "train_loss_mean", "wall_time_s_mean"))
+    md = (tmp_path / "report.md").read_text()
+    assert "1 run failed" in md
+
+
+def test_groups_by_every_varied_field_numbers_in_numeric_order(tmp_path):
+    for norm in ("gn", "bn"):
+        for bs in (1024, 128, 32):
+            for seed in (0, 1):
+                make_run(tmp_path / "bs", f"{norm}-bs{bs}-seed{seed}", norm=norm, batch_size=bs, seed=seed,
+                         acc=0.9 - bs / 1e4 - 0.01 * seed, loss=0.2 + seed / 100)
+    result = report(tmp_path)  # runs sit one level further down: DIR/bs/<run>
+    assert result.fields == ["norm", "batch_size"]  # TrainConfig's order, flag names with underscores
+    assert [(g["norm"], g["batch_size"]) for g in result.groups] == [
+        ("bn", 32), ("bn", 128), ("bn", 1024), ("gn", 32), ("gn", 128), ("gn", 1024)]
+    rows = read_csv(tmp_path / "report.csv")
+    assert [r["batch_size"] for r in rows] == ["32", "128", "1024", "32", "128", "1024"]
+    assert all(r["n"] == "2" for r in rows)
+    assert not set(NEVER_GROUP) & set(rows[0])
+
+
+def test_group_by_overrides_and_nothing_varied_is_one_group(init_sweep, tmp_path):
+    pooled = report(init_sweep, group_by=[])
+    assert pooled.fields == [] and len(pooled.groups) == 1 and pooled.groups[0]["n"] == 6
+    by_seed = report(init_sweep, group_by="seed")
+    assert [g["seed"] for g in by_seed.groups] == [0, 1, 2]
+    assert [g["n"] for g in by_seed.groups] == [2, 2, 2]
+    both = report(init_sweep, group_by=["init", "batch-size"])  # flag spelling accepted
+    assert both.fields == ["init", "batch_size"]
+
+    for seed in range(3):
+        make_run(tmp_path / "same", f"s{seed}", seed=seed, acc=0.5 + seed / 100, loss=1.0)
+    single = report(tmp_path / "same")
+    assert single.fields == [] and len(single.groups) == 1
+    row = read_csv(tmp_path / "same" / "report.csv")[0]
+    assert row["n"] == "3" and float(row["eval_acc_std"]) == pytest.approx(statistics.stdev([0.5, 0.51, 0.52]))
+
+
+def test_markdown_table_and_eval_split(init_sweep, tmp_path):
+    report(init_sweep)
+    md = (init_sweep / "report.md").read_text()
+    lines = md.splitlines()
+    header = next(line for line in lines if line.startswith("| init"))
+    assert header == ("| init | n | completed | diverged | test acc (%) | best test acc (%) | final train loss "
+                      "| wall time (s) |")
+    assert "| kaiming_normal | 3 | 3 | 0 | 97.15 ± 0.34 | 97.15 | 0.1033 ± 0.0153 | 21.0 |" in lines
+    assert "| zeros | 3 | 2 | 1 | 43.00 ± 4.24 | 43.00 | 1.4500 ± 0.0707 | 12.0 |" in lines
+    assert "**test** split" in md and "valid" not in md.lower()
+    assert "sample standard deviation (ddof=1)" in md
+    assert "1 unfinished run" in md
+
+    make_run(tmp_path / "val", "a", acc=0.9, loss=0.3, val_split=0.1, eval_split="val")
+    report(tmp_path / "val")
+    md = (tmp_path / "val" / "report.md").read_text()
+    assert "val acc (%)" in md and "validation" in md and "test acc" not in md
+
+
+def test_plots_are_pngs_of_sensible_size(init_sweep):
+    report(init_sweep)
+    for name in ("train_loss.png", "eval_acc.png"):
+        path = init_sweep / name
+        assert path.read_bytes()[:8] == PNG_MAGIC
+        image = mpimg.imread(path)
+        h, w = image.shape[:2]
+        assert 500 <= w <= 2500 and 400 <= h <= 1200
+        assert image[..., :3].std() > 0.05  # drawn on, not blank
+    assert not list(init_sweep.glob(".*"))  # no temp files left behind by the atomic writes
+
+
+def test_many_groups_give_wider_figures(tmp_path):
+    for i, init in enumerate(["zeros", "ones", "uniform", "normal", "xavier_uniform", "xavier_normal",
+                              "kaiming_uniform", "kaiming_normal", "orthogonal", "default"]):
+        make_run(tmp_path, f"{i:02d}-{init}", init=init, acc=0.1 + 0.08 * i, loss=2.0 / (i + 1))
+    report(tmp_path)
+    few = tmp_path / "few"
+    make_run(few, "a", init="zeros", acc=0.1, loss=2.3)
+    make_run(few, "b", init="ones", acc=0.1, loss=2.3)
+    report(few)
+    for name in ("train_loss.png", "eval_acc.png"):
+        assert mpimg.imread(tmp_path / name).shape[1] > mpimg.imread(few / name).shape[1]
+
+
+def test_html_is_self_contained(init_sweep):
+    report(init_sweep)
+    page = (init_sweep / "report.html").read_text()
+    assert "<table" in page and "<th" in page
+    assert page.count('src="data:image/png;base64,') == 2
+    assert not re.search(r'(src|href)="(?!data:)', page)  # no external resources
+    assert "<link" not in page and "@import" not in page and "url(" not in page
+    assert str(init_sweep.resolve()) in page
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser") or (
+        "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+
+
+def _run_chromium(binary, tmp_path, *args):
+    profile = tmp_path / "chromium-profile"
+    profile.mkdir(exist_ok=True)
+    cmd = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--disable-dev-shm-usage", "--force-device-scale-factor=1", f"--user-data-dir={profile}", *args]
+    env = {**os.environ, "HOME": str(tmp_path)}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, check=False)
+
+
+def test_html_renders_in_headless_chromium(init_sweep, tmp_path):
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("chromium is not installed")
+    result = report(init_sweep)
+    url = (init_sweep / "report.html").resolve().as_uri()
+
+    dom = _run_chromium(binary, tmp_path, "--dump-dom", url).stdout
+    assert "<table" in dom
+    body_rows = re.findall(r"<tr>(.*?)</tr>", dom.split("<tbody>")[1].split("</tbody>")[0], re.DOTALL)
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in body_rows]
+    assert [c[0] for c in cells] == ["kaiming_normal", "zeros"] and cells[1][4] == "43.00 ± 4.24"
+    images = re.findall(r"<img [^>]*>", dom)
+    assert len(images) == 2
+    boxes = []
+    for tag, name in zip(images, ("train_loss.png", "eval_acc.png")):
+        assert 'alt="' in tag and 'data-loaded="true"' in tag  # the browser decoded it
+        h, w = mpimg.imread(init_sweep / name).shape[:2]
+        assert f'data-natural-width="{w}"' in tag and f'data-natural-height="{h}"' in tag
+        boxes.append([int(v) for v in re.search(r'data-box="([\d,-]+)"', tag).group(1).split(",")])
+
+    shot = tmp_path / "shot.png"
+    width, height = 1200, max(y + h for _, y, _, h in boxes) + 40
+    _run_chromium(binary, tmp_path, f"--screenshot={shot}", f"--window-size={width},{height}", url)
+    pixels = mpimg.imread(shot)[..., :3]
+    assert pixels.shape[:2] == (height, width)
+    for x, y, w, h in boxes:  # each plot region shows a plot: varied pixels, lines and text in several colours
+        region = pixels[y + 5:y + h - 5, x + 5:x + w - 5]
+        assert region.size and region.std() > 0.05
+        assert (region.min(axis=2) < 0.5).mean() > 0.005  # dark ink: axes, labels, text
+        colours = np.unique((region * 15).round().reshape(-1, 3), axis=0)
+        assert len(colours) > 20
+    table_top = boxes[0][1]
+    assert pixels[:table_top].std() > 0.02  # the title and table above the first plot are drawn too
+    assert len(result.groups) == 2
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda d: None, "is not a directory"),
+    (lambda d: d.mkdir(), "no runs in"),
+    (lambda d: make_run(d, "r", acc=0.5, loss=1.0, summary=False), "has finished"),
+])
+def test_missing_or_empty_directory_is_one_line_spec_error(tmp_path, setup, message):
+    target = tmp_path / "runs"
+    setup(target)
+    with pytest.raises(SpecError) as info:
+        report(target)
+    text = str(info.value)
+    assert message in text and str(target) in text and "\n" not in text
+
+
+def test_unknown_group_by_lists_valid_fields(init_sweep):
+    with pytest.raises(SpecError) as info:
+        report(init_sweep, group_by="inti")
+    text = str(info.value)
+    assert "'inti'" in text and "valid fields:" in text and "init" in text and "batch_size" in text
+    assert "\n" not in text
+    assert not (init_sweep / "report.csv").exists()  # bad input writes nothing
