@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -190,6 +191,8 @@ def run_train(args: argparse.Namespace) -> int:
     from .train import train
 
     result = train(train_config_from_args(args))
+    if os.environ.get("RANK", "0") != "0":
+        return EXIT_FAILED if result.status == "failed" else EXIT_OK  # under torchrun only rank 0 prints
     s = result.summary
     acc = s["final_eval_acc"]
     print(f"{result.status}: {s['epochs_completed']}/{s['epochs']} epochs, "
@@ -200,7 +203,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 # --- sweep, study, report --------------------------------------------------------------
 
-SWEEP_ONLY = ("seeds", "jobs", "launcher", "out")
+SWEEP_ONLY = ("seeds", "jobs", "launcher", "launcher_option", "out")
 
 
 def _add_sweep_arguments(parser: argparse.ArgumentParser, *, study: bool = False) -> None:
@@ -213,7 +216,10 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser, *, study: bool = False
                         help="sweep directory: one run directory per grid point and seed"
                         + ("; default studies/NAME" if study else "; default sweeps/sweep"))
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (one per GPU where there are several)")
-    parser.add_argument("--launcher", default="local", help="where runs execute: local")
+    parser.add_argument("--launcher", default="local",
+                        help="where runs execute: local (this machine) or submitit (Slurm, or local processes without it)")
+    parser.add_argument("--launcher-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="submitit executor parameter, e.g. slurm_partition=gpu, gpus_per_node=1 (repeatable)")
 
 
 def _split_grid(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list[str]]]:
@@ -265,7 +271,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     base, grid = _split_grid(args)
     out = getattr(args, "out", None) or "sweeps/sweep"
     result = sweep(base, grid, seeds=_seeds(getattr(args, "seeds", "0")), out=out, jobs=args.jobs,
-                   launcher=args.launcher, write_report=False)
+                   launcher=args.launcher, launcher_options=parse_key_values(args.launcher_option, "launcher option"),
+                   write_report=False)
     return _print_sweep_end(result, report(result.out))
 
 
@@ -302,7 +309,8 @@ def run_study(args: argparse.Namespace) -> int:
     print(f"study {study.name}: {study.claim}")
     if study.notes:
         print(f"  {study.notes}")
-    result = sweep(base, grid, seeds=seeds, out=out, jobs=args.jobs, launcher=args.launcher, write_report=False)
+    result = sweep(base, grid, seeds=seeds, out=out, jobs=args.jobs, launcher=args.launcher,
+                   launcher_options=parse_key_values(args.launcher_option, "launcher option"), write_report=False)
     return _print_sweep_end(result, report(result.out))
 
 
@@ -400,8 +408,10 @@ _GLOBAL_DESTS = ("command", "config", "print_config", "verbose")
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_args(argv)
+        quiet = os.environ.get("RANK", "0") != "0"  # torchrun: only rank 0 talks
         logging.basicConfig(
-            level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr
+            level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
+            format="%(message)s", stream=sys.stderr,
         )
         if args.print_config:
             _print_config(args)

@@ -169,7 +169,46 @@ def run_local(configs: list[TrainConfig], jobs: int, on_done: Callable[[str, str
             on_done(*future.result())
 
 
-LAUNCHERS: dict[str, Callable[[list[TrainConfig], int, Callable[[str, str], None]], None]] = {"local": run_local}
+def _execute_chunk(cfg_dicts: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """One submitted job: several runs in one process, so start-up is paid once per job."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return [_execute(cfg_dict) for cfg_dict in cfg_dicts]
+
+
+# Executor parameters for submitit: generous limits a user overrides with
+# --launcher-option (e.g. slurm_partition=gpu, gpus_per_node=1, timeout_min=600).
+SUBMITIT_DEFAULTS = {"timeout_min": 24 * 60, "name": "reslab-sweep"}
+
+
+def run_submitit(configs: list[TrainConfig], jobs: int, on_done: Callable[[str, str], None],
+                 options: Mapping[str, Any] | None = None) -> None:
+    """Submit the runs as ``jobs`` jobs through submitit: Slurm where ``srun`` exists, local processes otherwise."""
+    try:
+        import submitit
+    except ImportError:
+        raise SpecError("--launcher submitit needs the submitit package: pip install 'reslab[slurm]'") from None
+    if not configs:
+        return
+    folder = Path(configs[0].out).parent / ".submitit"
+    executor = submitit.AutoExecutor(folder=folder)
+    try:
+        executor.update_parameters(**{**SUBMITIT_DEFAULTS, **(options or {})})
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"bad --launcher-option for submitit: {exc}") from None
+    chunks = [[cfg.to_dict() for cfg in configs[i::jobs]] for i in range(min(jobs, len(configs)))]
+    submitted = executor.map_array(_execute_chunk, chunks)
+    log.info("submitted %d job(s) to %s (logs in %s)", len(submitted), executor.cluster, folder)
+    for job in submitted:
+        try:
+            results = job.result()
+        except Exception as exc:  # noqa: BLE001 - a lost job fails its runs, not the sweep
+            log.error("job %s failed: %s", job.job_id, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            continue
+        for run_out, status in results:
+            on_done(run_out, status)
+
+
+LAUNCHERS: dict[str, Callable[..., None]] = {"local": run_local, "submitit": run_submitit}
 
 
 def sweep(
@@ -180,6 +219,7 @@ def sweep(
     out: str | Path = "sweeps/sweep",
     jobs: int = 1,
     launcher: str = "local",
+    launcher_options: Mapping[str, Any] | None = None,
     write_report: bool = True,
 ) -> SweepResult:
     """Run the grid ``base x grid x seeds`` into ``out``; see the module docstring."""
@@ -211,7 +251,15 @@ def sweep(
         result.statuses[by_out[run_out]] = status
         log.info("[%d/%d] %s: %s", len(result.statuses), len(runs), by_out[run_out], status)
 
-    LAUNCHERS[launcher](todo, jobs, on_done)
+    if launcher == "local":
+        if launcher_options:
+            raise SpecError("--launcher-option applies to --launcher submitit only")
+        run_local(todo, jobs, on_done)
+    else:
+        LAUNCHERS[launcher](todo, jobs, on_done, launcher_options)
+    for run in runs:  # a run whose job was lost counts as failed
+        if run.run_id not in result.statuses:
+            result.statuses[run.run_id] = run_status(Path(run.config.out)) or "failed"
     if write_report:
         from .report import report
 

@@ -87,8 +87,11 @@ def check_config(cfg: TrainConfig) -> None:
     norm_factory(cfg.norm)
     parse_policy(cfg.init)
     parse_schedule(cfg.schedule)
-    if cfg.precision != "fp32" and resolve_device(cfg.device).type != "cuda":
+    device = resolve_device(cfg.device)
+    if cfg.precision != "fp32" and device.type != "cuda":
         raise SpecError(f"--precision {cfg.precision} needs a CUDA device; on the CPU use --precision fp32")
+    if cfg.sync_bn and device.type != "cuda":
+        raise SpecError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel); drop --sync-bn")
 
 
 def preflight(configs: list[TrainConfig]) -> None:
@@ -140,22 +143,49 @@ def versions() -> dict[str, str]:
 
 @dataclass
 class Dist:
+    """Where this process stands in a torchrun job (rank 0 of 1 when run plainly)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Dist:
+        """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK."""
+        try:
+            return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                       int(os.environ.get("LOCAL_RANK", 0)))
+        except ValueError:
+            raise SpecError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (they are set by torchrun)") from None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+    def init(self, device: torch.device) -> bool:
+        """Join the process group (nccl on GPUs, gloo on CPUs); True if this call created it."""
+        if self.world_size <= 1 or torch.distributed.is_initialized():
+            return False
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, rank=self.rank, world_size=self.world_size,
+                                             device_id=device if device.type == "cuda" else None)
+        return True
+
+    def barrier(self) -> None:
         if self.world_size > 1:
-            torch.distributed.all_reduce(values)
-        return values
+            torch.distributed.barrier()
+
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks, in a new tensor (``values`` may be a view of something still in use)."""
+        return self._reduce(values, torch.distributed.ReduceOp.SUM)
 
     def all_min(self, values: torch.Tensor) -> torch.Tensor:
+        return self._reduce(values, torch.distributed.ReduceOp.MIN)
+
+    def _reduce(self, values: torch.Tensor, op) -> torch.Tensor:
+        values = values.clone()
         if self.world_size > 1:
-            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MIN)
+            torch.distributed.all_reduce(values, op=op)
         return values
 
 
@@ -182,9 +212,7 @@ class Trainer:
             )
         model = build_for(cfg, self.data).to(device)
         self.num_params = count_params(model)
-        if cfg.sync_bn:
-            if device.type != "cuda":
-                raise SpecError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel); drop --sync-bn")
+        if cfg.sync_bn and self.dist.world_size > 1:  # one process: plain BN is already exact
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -208,6 +236,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         self.epoch = 0  # epochs completed
         self.step = 0
+        self.first_step_loss: float | None = None  # the loss at initialization (kept across resumes)
 
     # -- state --
 
@@ -219,6 +248,7 @@ class Trainer:
             "format": 1,
             "epoch": self.epoch,
             "step": self.step,
+            "first_step_loss": self.first_step_loss,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -236,6 +266,7 @@ class Trainer:
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.first_step_loss = state.get("first_step_loss")
 
     # -- epochs --
 
@@ -269,6 +300,8 @@ class Trainer:
             self.scaler.update()
             self.scheduler.step()
             self.step += 1
+            if self.step == 1:  # the loss at initialization, averaged over ranks: one sync per run
+                self.first_step_loss = dist.all_sum(loss.detach().float().reshape(1)).item() / dist.world_size
             with torch.no_grad():
                 n = y.numel()
                 totals += torch.stack([loss.detach().double() * n, (logits.argmax(1) == y).sum().double(),
@@ -386,11 +419,21 @@ def _check_writable(out: Path) -> None:
 def train(config: TrainConfig | dict[str, Any], dist: Dist | None = None) -> RunResult:
     """Run ``config`` to the end; bad input raises SpecError before anything is written."""
     cfg = config if isinstance(config, TrainConfig) else config_from_dict(config)
-    dist = dist or Dist()
+    dist = dist or Dist.from_env()
     check_config(cfg)
     device = resolve_device(cfg.device)
-    if device.type == "cuda" and dist.world_size > 1 and device.index is None:
-        device = torch.device("cuda", dist.local_rank)
+    if device.type == "cuda" and dist.world_size > 1:
+        device = torch.device("cuda", dist.local_rank)  # one GPU per process
+        torch.cuda.set_device(device)
+    created_group = dist.init(device)
+    try:
+        return _train(cfg, dist, device)
+    finally:
+        if created_group:
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, dist: Dist, device: torch.device) -> RunResult:
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     if cfg.out is None:
         cfg = config_from_dict({"out": str(out)}, cfg)
@@ -404,6 +447,7 @@ def train(config: TrainConfig | dict[str, Any], dist: Dist | None = None) -> Run
             raise SpecError(f"--resume: checkpoint in {str(out)!r} does not fit this config ({type(exc).__name__})") from None
 
     record = {"world_size": dist.world_size, "per_device_batch": cfg.batch_size // dist.world_size}
+    dist.barrier()  # every rank has checked the run directory before rank 0 writes into it
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / CONFIG_FILE, cfg.to_yaml() + "".join(f"# {k}: {v}\n" for k, v in record.items()))
@@ -454,6 +498,7 @@ def train(config: TrainConfig | dict[str, Any], dist: Dist | None = None) -> Run
         "eval_split": trainer.data.eval_split,
         "wall_time_s": time.perf_counter() - started,
         "train_images_per_s": train_images / train_seconds if train_seconds > 0 else None,
+        "first_step_loss": trainer.first_step_loss,
         "num_params": trainer.num_params,
         **record,
         "device": str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})",

@@ -1,0 +1,91 @@
+"""Scale: torchrun DistributedDataParallel on gloo, and sweeps through submitit."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from reslab.cli import main
+
+GN_RUN = ["--model", "cifar_resnet20", "--norm", "gn", "--dataset", "mnist5k", "--epochs", "3", "--batch-size", "100",
+          "--optimizer", "adam", "--lr", "3e-3", "--schedule", "cosine", "--progress", "none"]
+
+
+def torchrun(*args, nproc=2):
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+         "-m", "reslab", *args],
+        capture_output=True, text=True, timeout=600,
+    )
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    done = torchrun("train", *GN_RUN, "--out", str(ddp))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("completed") == 1  # only rank 0 prints
+    assert main(["train", *GN_RUN, "--out", str(single)]) == 0
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "single"]  # one run directory
+    a = json.loads((ddp / "summary.json").read_text())
+    b = json.loads((single / "summary.json").read_text())
+    assert (a["world_size"], a["per_device_batch"]) == (2, 50)
+    assert (b["world_size"], b["per_device_batch"]) == (1, 100)
+    assert "# world_size: 2" in (ddp / "config.yaml").read_text()
+    assert [r["epoch"] for r in rows(ddp)] == [1, 2, 3]  # one metrics row per epoch
+    # each rank takes its half of every global batch: the first step sees the same
+    # 100 images as the single process, so the loss at initialization agrees
+    assert abs(a["first_step_loss"] - b["first_step_loss"]) < 1e-5
+    assert abs(a["final_eval_acc"] - b["final_eval_acc"]) <= 0.01
+    # metrics are reduced over ranks: the first epoch's mean train loss agrees too
+    assert abs(rows(ddp)[0]["train_loss"] - rows(single)[0]["train_loss"]) < 1e-2
+
+
+def test_resume_under_torchrun(tmp_path):
+    out = tmp_path / "run"
+    tiny = ["--model", "simple_cnn", "--norm", "gn", "--dataset", "synthetic:train=256,test=64,size=8,channels=1,classes=4",
+            "--batch-size", "64", "--progress", "none", "--out", str(out)]
+    assert torchrun("train", *tiny, "--epochs", "1").returncode == 0
+    done = torchrun("train", *tiny, "--epochs", "2", "--resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [r["epoch"] for r in rows(out)] == [1, 2]
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+
+
+def test_sync_bn_is_refused_on_cpu_under_torchrun(tmp_path):
+    done = torchrun("train", "--model", "simple_cnn", "--dataset", "synthetic:train=64,test=16,size=8,channels=1",
+                    "--batch-size", "32", "--epochs", "1", "--sync-bn", "--out", str(tmp_path / "run"))
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("reslab: error:")]
+    assert len(ours) == 2 and all("--sync-bn" in line for line in ours)  # one line from each rank
+    assert "reslab/" not in done.stderr.split("reslab: error:")[-1]  # torchrun reports the exit, no reslab frames
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(shutil.which("srun") is not None, reason="on a Slurm cluster this would submit real jobs")
+def test_submitit_launcher_runs_a_two_run_sweep_locally(capsys, tmp_path):
+    pytest.importorskip("submitit")
+    out = tmp_path / "sweep"
+    code = main(["sweep", "--dataset", "synthetic:train=128,test=32,size=8,channels=1,classes=4",
+                 "--model", "simple_cnn", "--epochs", "1", "--batch-size", "32", "--progress", "none",
+                 "--init", "zeros,default", "--launcher", "submitit", "--jobs", "2", "--out", str(out)])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    assert (out / ".submitit").is_dir()  # the jobs really went through submitit
+    report_rows = (out / "report.csv").read_text().splitlines()
+    assert report_rows[0].startswith("init,n,completed,diverged")
+    assert [r.split(",")[0] for r in report_rows[1:]] == ["zeros", "default"]
+    assert "2 runs (2 completed" in stdout
+
+
+def test_launcher_option_needs_submitit(capsys, tmp_path):
+    code = main(["sweep", "--launcher-option", "slurm_partition=gpu", "--out", str(tmp_path / "s"),
+                 "--dataset", "synthetic:train=64,test=16,size=8,channels=1", "--model", "mlp"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "--launcher-option" in err
