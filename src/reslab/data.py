@@ -54,8 +54,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .errors import SpecError, choices_error
+from .errors import SpecError
 from .fileio import atomic_torch_save
+from .registry import Registry
 from .specs import Converter, Spec, bind, parse_spec, to_bool, to_float, to_int
 
 log = logging.getLogger(__name__)
@@ -333,14 +334,11 @@ class DatasetEntry:
     augment: Augment = field(default_factory=Augment)  # default train augmentation
 
 
-_REGISTRY: dict[str, DatasetEntry] = {}
+_REGISTRY: Registry[DatasetEntry] = Registry("dataset")
 
 
 def register_dataset(entry: DatasetEntry) -> DatasetEntry:
-    if entry.name in _REGISTRY:
-        raise ValueError(f"dataset {entry.name!r} is already registered")
-    _REGISTRY[entry.name] = entry
-    return entry
+    return _REGISTRY.register(entry.name, entry)
 
 
 def list_datasets() -> dict[str, str]:
@@ -520,7 +518,9 @@ def _build_mnist5k() -> Splits:
 
 def _build_digits() -> Splits:
     try:
-        from sklearn.datasets import load_digits  # deferred: importing sklearn costs ~1 s
+        from sklearn.datasets import (
+            load_digits,  # deferred: importing sklearn costs ~1 s
+        )
     except ImportError:
         raise DatasetMissing("dataset 'digits' ships inside scikit-learn, which is not installed: "
                              "pip install scikit-learn") from None
@@ -610,9 +610,7 @@ def load_dataset(
     absent files raise :class:`DatasetMissing`.
     """
     parsed = spec if isinstance(spec, Spec) else parse_spec(spec, "dataset spec")
-    entry = _REGISTRY.get(parsed.name)
-    if entry is None:
-        raise choices_error("dataset", parsed.name, _REGISTRY)
+    entry = _REGISTRY.lookup(parsed.name)
     kwargs = bind(parsed, {**entry.params, **_AUGMENT_PARAMS}, "dataset")
     augment = Augment(crop_padding=kwargs.pop("crop", entry.augment.crop_padding),
                       flip=kwargs.pop("flip", entry.augment.flip))

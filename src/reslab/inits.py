@@ -61,8 +61,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SpecError, choices_error
-from .specs import Converter, bind, one_of, parse_spec, positive_float, to_bool, to_float
+from .errors import SpecError
+from .registry import Registry
+from .specs import (
+    Converter,
+    bind,
+    one_of,
+    parse_spec,
+    positive_float,
+    to_bool,
+    to_float,
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,22 +159,17 @@ class Scheme:
         return self.entry.predict(target, **self.args)
 
 
-_REGISTRY: dict[str, InitEntry] = {}
+_REGISTRY: Registry[InitEntry] = Registry("init scheme")
 
 
 def register_init(entry: InitEntry) -> InitEntry:
-    if entry.name in _REGISTRY:
-        raise ValueError(f"init scheme {entry.name!r} is already registered")
-    _REGISTRY[entry.name] = entry
-    return entry
+    return _REGISTRY.register(entry.name, entry)
 
 
 def resolve_init(spec: str) -> Scheme:
     """Parse and validate one scheme spec such as ``kaiming_normal:mode=fan_out``."""
     parsed = parse_spec(spec, "init spec")
-    entry = _REGISTRY.get(parsed.name)
-    if entry is None:
-        raise choices_error("init scheme", parsed.name, _REGISTRY)
+    entry = _REGISTRY.lookup(parsed.name)
     bound = bind(parsed, {key: conv for key, (conv, _) in entry.params.items()}, "init scheme")
     args = {key: bound.get(key, default) for key, (_, default) in entry.params.items()}
     missing = [key for key, value in args.items() if value is _REQUIRED]
@@ -197,9 +201,7 @@ def init_names() -> list[str]:
 
 
 def init_entry(name: str) -> InitEntry:
-    if name not in _REGISTRY:
-        raise choices_error("init scheme", name, _REGISTRY)
-    return _REGISTRY[name]
+    return _REGISTRY.lookup(name)
 
 
 # --- scheme implementations -------------------------------------------------

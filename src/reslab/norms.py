@@ -28,8 +28,17 @@ from functools import partial
 import torch
 from torch import nn
 
-from .errors import SpecError, choices_error
-from .specs import Converter, Spec, bind, parse_spec, positive_float, positive_int, unit_float
+from .errors import SpecError
+from .registry import Registry
+from .specs import (
+    Converter,
+    Spec,
+    bind,
+    parse_spec,
+    positive_float,
+    positive_int,
+    unit_float,
+)
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -120,14 +129,11 @@ def _build_gn(num_channels: int, groups: int | None = None, eps: float = 1e-5) -
     return nn.GroupNorm(groups, num_channels, eps=eps)
 
 
-_REGISTRY: dict[str, NormEntry] = {}
+_REGISTRY: Registry[NormEntry] = Registry("norm")
 
 
 def register_norm(entry: NormEntry) -> NormEntry:
-    if entry.name in _REGISTRY:
-        raise ValueError(f"norm {entry.name!r} is already registered")
-    _REGISTRY[entry.name] = entry
-    return entry
+    return _REGISTRY.register(entry.name, entry)
 
 
 register_norm(NormEntry(
@@ -164,9 +170,7 @@ register_norm(NormEntry(
 
 def _resolve(spec: str | Spec) -> tuple[NormEntry, dict]:
     parsed = spec if isinstance(spec, Spec) else parse_spec(spec, "norm spec")
-    entry = _REGISTRY.get(parsed.name)
-    if entry is None:
-        raise choices_error("norm", parsed.text or parsed.name, _REGISTRY)
+    entry = _REGISTRY.lookup(parsed.name, parsed.text or parsed.name)
     return entry, bind(parsed, entry.params, "norm")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import choices_error
+from .registry import Registry
 
 
 @dataclass(frozen=True)
@@ -24,14 +24,11 @@ class Study:
     cost: str = ""  # what it takes on 2 CPU cores
 
 
-STUDIES: dict[str, Study] = {}
+STUDIES: Registry[Study] = Registry("study")
 
 
 def register_study(study: Study) -> Study:
-    if study.name in STUDIES:
-        raise ValueError(f"study {study.name!r} is already registered")
-    STUDIES[study.name] = study
-    return study
+    return STUDIES.register(study.name, study)
 
 
 register_study(Study(
@@ -85,10 +82,7 @@ register_study(Study(
 
 
 def get_study(name: str) -> Study:
-    study = STUDIES.get(name)
-    if study is None:
-        raise choices_error("study", name, STUDIES)
-    return study
+    return STUDIES.lookup(name)
 
 
 def list_studies() -> dict[str, str]:
