@@ -332,6 +332,55 @@ def run_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- signal -----------------------------------------------------------------------
+
+def _add_signal_arguments(parser: argparse.ArgumentParser) -> None:
+    from .diagnose import DEFAULT_SIGNAL_BATCH
+
+    parser.add_argument("model", help="model name (see `reslab list models`)")
+    parser.add_argument("--norm", default="none,bn", metavar="SPEC[,SPEC...]", help="norm specs to compare")
+    parser.add_argument("--init", default="kaiming_normal,xavier_normal", metavar="SPEC[,SPEC...]",
+                        help="init specs to compare (see `reslab list inits`)")
+    parser.add_argument("--dataset", default=None, metavar="SPEC",
+                        help="take a real, normalized train batch from this dataset "
+                             "(default: N(0,1) noise of the model's input shape, random labels)")
+    parser.add_argument("--data-dir", default=None, metavar="DIR", help="where datasets live (default $RESLAB_DATA)")
+    parser.add_argument("--download", action="store_true", help="fetch a missing torchvision dataset")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_SIGNAL_BATCH, help="images in the batch")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the batch, the labels and the weights")
+    parser.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                        help="model option, e.g. -o width=32 (repeatable)")
+    parser.add_argument("--out", default=None, metavar="DIR", help="where signal.csv and signal.png go; "
+                        "default signal/MODEL")
+
+
+@command("signal", "signal propagation at init: activation and gradient scale per block, per (norm, init)",
+         _add_signal_arguments)
+def run_signal(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .diagnose import format_signal_table, signal_csv, signal_propagation, signal_unit
+    from .fileio import atomic_write_text
+    from .plots import plot_signal
+
+    options = parse_key_values(args.option, "model option")
+    # Everything is checked and measured before anything is written.
+    rows = signal_propagation(args.model, args.norm, args.init, dataset=args.dataset, data_dir=args.data_dir,
+                              download=args.download, batch_size=args.batch_size, seed=args.seed, options=options)
+    out = Path(args.out or Path("signal") / args.model)
+    source = f"{args.dataset} train images" if args.dataset else "N(0,1) noise, random labels"
+    csv_path = atomic_write_text(out / "signal.csv", signal_csv(rows))
+    png_path = plot_signal(rows, out / "signal.png", xlabel=signal_unit(args.model, options),
+                           title=f"{args.model} at init: batch of {args.batch_size} ({source}), seed {args.seed}")
+    print(f"signal propagation at init: {args.model}, batch of {args.batch_size} ({source}), "
+          f"loss = cross-entropy summed over the batch, seed {args.seed}")
+    print()
+    print(format_signal_table(rows))
+    print()
+    print(f"signal: {csv_path}, {png_path}")
+    return EXIT_OK
+
+
 # --- config files -------------------------------------------------------------
 
 def _apply_config(parser: argparse.ArgumentParser, data: dict[str, Any]) -> None:

@@ -162,3 +162,81 @@ def plot_mean_bars(labels: list[str], means: list[float | None], stds: list[floa
     ax.grid(True, axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     return save_figure(fig, path)
+
+
+# --- signal propagation -------------------------------------------------------------
+
+# (row attribute, panel title, y label) of the panels of plot_signal
+_SIGNAL_PANELS = (
+    ("act_std", "forward: activation std", "std of the activations"),
+    ("act_sq_mean", "forward: channel-wise squared mean", "mean over channels of (channel mean)$^2$"),
+    ("grad_std", "backward: gradient std", "std of d loss / d activation"),
+)
+
+
+def _undrawable(values: list[float]) -> str:
+    """Why a log axis leaves some of ``values`` out ('' if it draws them all)."""
+    bad = [i for i, v in enumerate(values) if not (math.isfinite(v) and v > 0)]
+    if not bad:
+        return ""
+    zero = all(values[i] == 0 for i in bad)
+    what = "0" if zero else "not finite" if all(not math.isfinite(values[i]) for i in bad) else "0 or not finite"
+    if len(bad) == len(values):
+        return f"{what} everywhere"
+    if bad == list(range(bad[0], len(values))):
+        return f"{what} from block {bad[0]}"
+    return f"{what} at {len(bad)} blocks"
+
+
+def plot_signal(rows, path: str | Path, *, title: str, xlabel: str = "block (0 = stem)") -> Path:
+    """Signal propagation at init: activation std, channel-wise squared mean and gradient std
+    against depth, log y, one curve per (norm, init); color = init, line style = norm.
+
+    ``rows`` are :class:`reslab.diagnose.SignalRow` (anything with ``norm``, ``init``,
+    ``block`` and the three panel attributes).  Values a log axis cannot show (0, inf,
+    NaN) are left out of the curves and listed under the axes.
+    """
+    combos: dict[tuple[str, str], list] = {}
+    for row in rows:
+        combos.setdefault((row.norm, row.init), []).append(row)
+    norms = list(dict.fromkeys(norm for norm, _ in combos))
+    inits = list(dict.fromkeys(init for _, init in combos))
+    depth = max((len(points) for points in combos.values()), default=0)
+
+    fig, axes = plt.subplots(1, len(_SIGNAL_PANELS), figsize=(15.5, 4.9), sharex=True)
+    notes = []
+    for (norm, init), points in combos.items():
+        style = {"color": plt.get_cmap("tab10")(inits.index(init) % 10),
+                 "linestyle": _LINESTYLES[norms.index(norm) % len(_LINESTYLES)]}
+        x = [row.block for row in points]
+        missing = []
+        for ax, (attr, _, _) in zip(axes, _SIGNAL_PANELS):
+            values = [float(getattr(row, attr)) for row in points]
+            drawn = [v if math.isfinite(v) and v > 0 else float("nan") for v in values]
+            ax.plot(x, drawn, label=f"{norm}, {init}", linewidth=1.8, marker="o" if depth <= 40 else None,
+                    markersize=3, **style)
+            why = _undrawable(values)
+            if why:
+                missing.append(f"{attr} {why}")
+        if missing:
+            notes.append(f"{norm}, {init}: " + "; ".join(missing))
+    for ax, (_, panel_title, ylabel) in zip(axes, _SIGNAL_PANELS):
+        if any(line.get_ydata().size and (line.get_ydata() == line.get_ydata()).any() for line in ax.get_lines()):
+            ax.set_yscale("log")
+        ax.set_title(panel_title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="major", alpha=0.35)
+        ax.grid(True, which="minor", alpha=0.1)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, title="norm, init", loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=9,
+               title_fontsize=9, frameon=False)
+    fig.suptitle(title)
+    if notes:
+        text = "not drawn (a log axis cannot show 0, inf or NaN): " + " | ".join(notes)
+        fig.text(0.01, 0.0, text, ha="left", va="top", fontsize=8, color="0.35", wrap=True)
+    fig.tight_layout()
+    out = atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight"))
+    plt.close(fig)
+    return out
