@@ -12,11 +12,21 @@ from typing import IO, Any
 import torch
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file; mkstemp's temp files are 0600
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
     """Write ``path`` via a temp file in the same folder, fsync, then rename.
 
     Readers (and a process killed mid-write) see the old file or the whole new
-    one, never a torn one.  ``write`` receives the open binary file.
+    one, never a torn one.  ``write`` receives the open binary file.  The file
+    gets the mode a plain ``open()`` would give it (0644 under the usual umask).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -26,6 +36,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
             tmp = f.name
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), _FILE_MODE)
             os.fsync(f.fileno())
         os.replace(tmp, path)
         tmp = None
