@@ -143,7 +143,11 @@ def test_trunc_normal_stays_in_bounds_and_sparse_zeroes_each_column():
     assert report.rows[0].std_measured == pytest.approx(report.rows[0].std_predicted, rel=RTOL)
     layer, _ = init_layer("linear", "sparse:sparsity=0.25")
     zeros_per_column = (layer.weight == 0).sum(dim=0)
-    assert torch.all(zeros_per_column == math.ceil(0.25 * layer.weight.shape[0]))
+    num_zeros = math.ceil(0.25 * layer.weight.shape[0])
+    # sparse_ zeroes exactly num_zeros rows per column; a float32 normal draw lands on exactly 0.0
+    # about once in a few million samples, so allow a stray extra zero but never fewer
+    assert torch.all(zeros_per_column >= num_zeros)
+    assert int((zeros_per_column - num_zeros).sum()) <= 2
 
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])
