@@ -201,6 +201,10 @@ class Trainer:
         # Dropout draws from the global generator: seed it per run (and per
         # rank, so ranks drop different units); resume restores its state.
         torch.manual_seed(cfg.seed * 1000 + self.dist.rank)
+        if device.type == "cuda":
+            # Every step has the same shapes (the short last batch is one more), so cuDNN's
+            # autotuner pays for itself within the first epoch.
+            torch.backends.cudnn.benchmark = True
         self.data = load_dataset(
             cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, device=device,
             val_split=cfg.val_split, seed=cfg.seed,
