@@ -244,10 +244,26 @@ class Trainer:
 
     # -- state --
 
-    def state_dict(self) -> dict[str, Any]:
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """This process's generators: dropout's masks come from them."""
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def gather_rng_states(self) -> list[dict[str, torch.Tensor]]:
+        """Every rank's :meth:`rng_state`, in rank order; a collective, so every rank calls it."""
+        if self.dist.world_size == 1:
+            return [self.rng_state()]
+        states: list[Any] = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(states, self.rng_state())
+        return [{k: v.cpu() for k, v in state.items()} for state in states]
+
+    def state_dict(self, rng_states: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+        """The checkpoint.  ``rng_states`` (from :meth:`gather_rng_states`) saves every rank's
+        generators, so a resumed DDP run draws the dropout masks an uninterrupted one would."""
+        rng_states = rng_states or [self.rng_state()]
+        rng = {**rng_states[0], "per_rank": rng_states}
         return {
             "format": 1,
             "epoch": self.epoch,
@@ -266,10 +282,19 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        per_rank = state["rng"].get("per_rank") or [state["rng"]]
+        if len(per_rank) == self.dist.world_size:
+            rng = per_rank[self.dist.rank]
+        elif self.dist.rank == 0:
+            rng = per_rank[0]
+        else:  # resumed on more processes than saved it: a fresh stream per rank and epoch
+            torch.manual_seed((self.cfg.seed * 1000 + self.dist.rank) * 100_003 + self.epoch)
+            rng = {}
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.first_step_loss = state.get("first_step_loss")
 
     # -- epochs --
@@ -480,8 +505,9 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device) -> RunResult:
                    "images_per_s": stats["images_per_s"]}
             train_seconds += stats["epoch_time_s"]
             train_images += stats["images_per_s"] * stats["epoch_time_s"]
+            rng_states = trainer.gather_rng_states()  # a collective: every rank takes part
             if dist.is_main:
-                atomic_torch_save(out / CHECKPOINT_FILE, trainer.state_dict())
+                atomic_torch_save(out / CHECKPOINT_FILE, trainer.state_dict(rng_states))
                 append_jsonl(out / METRICS_FILE, row)
             rows.append(row)
             progress.end_epoch(row, cfg.epochs)
