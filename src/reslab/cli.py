@@ -224,16 +224,14 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser, *, study: bool = False
 
 def _split_grid(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list[str]]]:
     """Flags with one value go to the base config, comma lists become grid axes."""
-    from .specs import split_list
+    from .specs import split_nonempty_list
 
     base: dict[str, Any] = {}
     grid: dict[str, list[str]] = {}
     for name, value in vars(args).items():
         if name in _GLOBAL_DESTS or name in SWEEP_ONLY or name == "name":
             continue
-        values = split_list(value)
-        if any(not v for v in values):
-            raise UsageError(f"--{name.replace('_', '-')} {value!r} has an empty item")
+        values = split_nonempty_list(value, f"--{name.replace('_', '-')}")
         if len(values) == 1:
             base[name] = values[0]
         else:

@@ -192,11 +192,14 @@ def measure_signal(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> l
 
 
 def _spec_list(specs: str | Sequence[str], what: str) -> list[str]:
-    from .specs import split_list
+    from .specs import split_nonempty_list
 
-    items = split_list(specs) if isinstance(specs, str) else [str(s).strip() for s in specs]
-    if not items or any(not item for item in items):
-        raise SpecError(f"{what} list {specs!r} has an empty item")
+    if isinstance(specs, str):
+        items = split_nonempty_list(specs, f"{what} list")
+    else:
+        items = [str(s).strip() for s in specs]
+        if not items or any(not item for item in items):
+            raise SpecError(f"{what} list {specs!r} has an empty item")
     repeated = sorted({item for item in items if items.count(item) > 1})
     if repeated:
         raise SpecError(f"{what} list {specs!r} repeats {repeated[0]!r}")
@@ -273,8 +276,11 @@ def signal_propagation(
         with torch.random.fork_rng(devices=[]):  # construction draws default weights from the global RNG
             return build_model(model_name, norm=norm, **shape, **options)
 
-    for norm in norms:  # validate every norm (a gn:G that does not divide a width, ...) before running any
-        build(norm)
+    # Validate every norm (a gn:G that does not divide a width, ...) before running any;
+    # on the meta device, which allocates and draws nothing (as train.preflight does).
+    with torch.device("meta"):
+        for norm in norms:
+            build_model(model_name, norm=norm, **shape, **options)
 
     rows: list[SignalRow] = []
     for norm in norms:
@@ -297,7 +303,7 @@ def signal_unit(model_name: str, options: Mapping[str, Any] | None = None) -> st
     """What one step of depth is for ``model_name`` (an x-axis label), e.g. 'residual block (0 = stem)'."""
     from .models import build_model
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.device("meta"):  # only the structure is needed: nothing allocated, no RNG drawn
         return signal_probes(build_model(model_name, norm="none", **dict(options or {})))[0]
 
 

@@ -196,9 +196,9 @@ def plot_signal(rows, path: str | Path, *, title: str, xlabel: str = "block (0 =
     ``block`` and the three panel attributes).  Values a log axis cannot show (0, inf,
     NaN) are left out of the curves and listed under the axes.
     """
-    combos: dict[tuple[str, str], list] = {}
-    for row in rows:
-        combos.setdefault((row.norm, row.init), []).append(row)
+    from .diagnose import signal_combos
+
+    combos = signal_combos(rows)
     norms = list(dict.fromkeys(norm for norm, _ in combos))
     inits = list(dict.fromkeys(init for _, init in combos))
     depth = max((len(points) for points in combos.values()), default=0)

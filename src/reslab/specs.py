@@ -52,6 +52,14 @@ def split_list(text: str) -> list[str]:
     return [item.strip() for item in items]
 
 
+def split_nonempty_list(text: str, what: str) -> list[str]:
+    """:func:`split_list`, refusing an empty item (``'bn,,gn'``): a SpecError naming ``what``."""
+    items = split_list(text)
+    if any(not item for item in items):
+        raise SpecError(f"{what} {text!r} has an empty item")
+    return items
+
+
 def parse_spec(text: str, what: str = "spec") -> Spec:
     """Parse ``name[:args]`` into a :class:`Spec`; malformed text is a SpecError."""
     raw = str(text).strip()
