@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
-import logging
 import math
+import statistics
 
 import pytest
 import torch
@@ -66,7 +66,7 @@ def test_scheme_prediction_matches_measurement(name, kind):
     weight, bias = report.rows
     assert (weight.path, weight.kind, weight.scheme) == ("weight", kind, spec)
     assert (weight.fan_in, weight.fan_out) == FANS[kind]
-    assert weight.std_measured == pytest.approx(float(layer.weight.detach().std()))
+    assert weight.std_measured == pytest.approx(sample_std(layer.weight), rel=1e-5)
     if name in NO_PREDICTION:
         assert weight.std_predicted is None
     elif weight.std_predicted == 0:
@@ -84,6 +84,27 @@ def test_scheme_prediction_matches_measurement(name, kind):
 # --- reference values from the torch.nn.init formulas -------------------------
 
 RELU = math.sqrt(2.0)
+
+
+def sample_std(tensor: torch.Tensor) -> float:
+    """Sample std (ddof=1) by hand, in float64: sqrt(sum((x - mean)^2) / (n - 1))."""
+    x = tensor.detach().double().flatten()
+    return math.sqrt(float(((x - x.sum() / x.numel()) ** 2).sum()) / (x.numel() - 1))
+
+
+def std_of_ones(ones: int, numel: int) -> float:
+    """Sample std of ``numel`` values of which ``ones`` are 1 and the rest 0, from the values themselves."""
+    return statistics.stdev([1.0] * ones + [0.0] * (numel - ones))
+
+
+def truncated_normal_std(mean: float, std: float, a: float, b: float, steps: int = 200_000) -> float:
+    """Std of N(mean, std^2) restricted to [a, b], by numerical integration of the density (midpoint rule)."""
+    h = (b - a) / steps
+    xs = [a + (i + 0.5) * h for i in range(steps)]
+    ws = [math.exp(-0.5 * ((x - mean) / std) ** 2) for x in xs]
+    mass = sum(ws)
+    mu = sum(w * x for w, x in zip(ws, xs)) / mass
+    return math.sqrt(sum(w * (x - mu) ** 2 for w, x in zip(ws, xs)) / mass)
 
 
 def reference_table(fan_in: int, fan_out: int, rows: int, cols: int) -> dict[str, tuple[str, float]]:
@@ -114,8 +135,9 @@ def reference_table(fan_in: int, fan_out: int, rows: int, cols: int) -> dict[str
         "trunc_normal:std=0.02,a=-0.04,b=0.04": ("std", 0.02 * 0.87962),
         "orthogonal": ("std", 1 / math.sqrt(max(rows, cols))),
         "orthogonal:gain=relu": ("std", RELU / math.sqrt(max(rows, cols))),
-        "sparse:sparsity=0.1,std=0.01": ("std", 0.01 * math.sqrt(1 - 0.1)),
-        "sparse:sparsity=0.5,std=0.1": ("std", 0.1 * math.sqrt(1 - 0.5)),
+        # sparse_ zeroes ceil(sparsity * rows) entries of each column, the rest are N(0, std^2)
+        "sparse:sparsity=0.1,std=0.01": ("std", 0.01 * math.sqrt(1 - math.ceil(0.1 * rows) / rows)),
+        "sparse:sparsity=0.5,std=0.1": ("std", 0.1 * math.sqrt(1 - math.ceil(0.5 * rows) / rows)),
     }
 
 
@@ -134,13 +156,17 @@ def test_reference_formula(spec, kind):
         assert expected * (1 - RTOL) <= top <= expected * (1 + 1e-6)
         expected = expected / math.sqrt(3)  # the std of U(-bound, bound)
     assert float(w.std()) == pytest.approx(expected, rel=RTOL)
-    assert report.rows[0].std_predicted == pytest.approx(expected, rel=RTOL)
+    # the prediction is the formula itself: exact up to the 5 digits of the trunc_normal constant
+    assert report.rows[0].std_predicted == pytest.approx(expected, rel=1e-5)
 
 
 def test_trunc_normal_stays_in_bounds_and_sparse_zeroes_each_column():
     layer, report = init_layer("linear", "trunc_normal:mean=0.1,std=1,a=-1,b=1.5")
     assert layer.weight.min() >= -1 and layer.weight.max() <= 1.5
-    assert report.rows[0].std_measured == pytest.approx(report.rows[0].std_predicted, rel=RTOL)
+    expected = truncated_normal_std(0.1, 1.0, -1.0, 1.5)
+    assert report.rows[0].std_predicted == pytest.approx(expected, rel=1e-6)
+    assert sample_std(layer.weight) == pytest.approx(expected, rel=RTOL)
+    assert truncated_normal_std(0.0, 1.0, -2.0, 2.0) == pytest.approx(0.87962, abs=1e-5)  # the table's constant
     layer, _ = init_layer("linear", "sparse:sparsity=0.25")
     zeros_per_column = (layer.weight == 0).sum(dim=0)
     num_zeros = math.ceil(0.25 * layer.weight.shape[0])
@@ -165,7 +191,11 @@ def test_dirac_makes_a_conv_the_identity(conv_type, groups):
     report = init_weights(conv, {"conv": "dirac"})
     x = torch.randn(2, 16, *([9] * (conv.weight.dim() - 2)))
     assert torch.allclose(conv(x), x, atol=1e-6)
-    assert report.rows[0].std_measured == pytest.approx(report.rows[0].std_predicted, rel=1e-5)
+    # 16 output channels, each passing one input channel through: 16 ones among 16 * 16/groups * 3^d values
+    numel = 16 * (16 // groups) * 3 ** (conv.weight.dim() - 2)
+    assert int((conv.weight == 1).sum()) == 16 and int((conv.weight == 0).sum()) == numel - 16
+    assert report.rows[0].std_predicted == pytest.approx(std_of_ones(16, numel), rel=1e-9)
+    assert report.rows[0].std_measured == pytest.approx(std_of_ones(16, numel), rel=1e-6)
 
 
 def test_eye_makes_a_square_linear_the_identity():
@@ -173,7 +203,9 @@ def test_eye_makes_a_square_linear_the_identity():
     report = init_weights(linear, {"linear": "eye"})
     x = torch.randn(5, 64)
     assert torch.equal(linear(x), x)
-    assert report.rows[0].std_measured == pytest.approx(report.rows[0].std_predicted, rel=1e-5)
+    # 64 ones on the diagonal of a 64x64 matrix
+    assert report.rows[0].std_predicted == pytest.approx(std_of_ones(64, 64 * 64), rel=1e-9)
+    assert report.rows[0].std_measured == pytest.approx(std_of_ones(64, 64 * 64), rel=1e-6)
 
 
 def test_gain_accepts_nonlinearity_names():
@@ -280,10 +312,11 @@ def test_zero_init_residual_zeroes_the_last_norm_of_each_block():
     assert torch.all(model[2].bn2.weight == 1)
 
 
-def test_zero_init_residual_without_blocks_warns(caplog):
-    with caplog.at_level(logging.WARNING, logger="reslab.inits"):
+def test_zero_init_residual_without_blocks_is_an_error():
+    # asking for it and silently getting nothing would record a run that is not the one named
+    with pytest.raises(SpecError, match="zero_init_residual") as info:
         init_weights(nn.Linear(3, 3), {"zero_init_residual": True})
-    assert "zero_init_last" in caplog.text
+    assert "Linear" in str(info.value) and "zero_init_last" in str(info.value)
 
 
 # --- seeds ----------------------------------------------------------------------

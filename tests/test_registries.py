@@ -8,6 +8,7 @@ keeps the cross product fast.
 import pytest
 import torch
 
+from reslab.errors import SpecError
 from reslab.inits import init_entry, init_names, init_weights
 from reslab.models import build_model, model_input, model_names
 from reslab.norms import norm_names
@@ -83,6 +84,39 @@ def test_zero_init_residual_policy_on_real_models(model_name, norm):
     assert len(zeroed) > 0 and len(ones) > len(zeroed)
 
 
-def test_every_scheme_declares_where_it_applies():
-    for name in init_names():
-        assert init_entry(name).kinds, name
+# Where each scheme applies, from what its torch.nn.init function needs: fan-based schemes
+# need a layer's fan_in (weights, or a bias through its layer's weight), matrix schemes a
+# weight of 2+ dims, dirac_ a conv weight, eye_ a 2-D one; constants and distributions fit
+# any tensor, norm scales included.
+WEIGHTS = {"conv", "linear"}
+FAN = {"conv", "linear", "bias"}
+ANY = {"conv", "linear", "bias", "norm"}
+EXPECTED_KINDS = {
+    "default": FAN, "rule_uniform": FAN, "rule_normal": FAN,
+    "zeros": ANY, "ones": ANY, "constant": ANY, "uniform": ANY, "normal": ANY, "trunc_normal": ANY,
+    "xavier_uniform": WEIGHTS, "xavier_normal": WEIGHTS, "kaiming_uniform": WEIGHTS, "kaiming_normal": WEIGHTS,
+    "orthogonal": WEIGHTS, "sparse": WEIGHTS,
+    "dirac": {"conv"}, "eye": {"linear"},
+}
+
+
+@pytest.mark.parametrize("name", init_names())
+def test_every_scheme_declares_where_it_applies(name):
+    assert name in EXPECTED_KINDS, f"new scheme {name!r}: add where it applies to EXPECTED_KINDS"
+    assert set(init_entry(name).kinds) == EXPECTED_KINDS[name]
+    # and init_weights honours it: the scheme initializes those tensors and refuses the others
+    spec = SPECS.get(name) if isinstance(SPECS.get(name), str) else name
+    for kind in ("conv", "linear", "bias", "norm"):
+        model = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                    torch.nn.Linear(4, 4))
+        if name == "default" and kind == "norm":  # a policy's norm "default" is the norms' own: ones
+            assert init_weights(model, {"norm": "default"}).rows[2].scheme == "ones"
+            continue
+        if kind not in EXPECTED_KINDS[name]:
+            with pytest.raises(SpecError, match=name):
+                init_weights(model, {kind: spec})
+            continue
+        rows = {row.path: row.scheme for row in init_weights(model, {kind: spec}, seed=0)}
+        touched = {"conv": ["0.weight"], "linear": ["3.weight"], "bias": ["0.bias", "3.bias"],
+                   "norm": ["1.weight"]}[kind]
+        assert [rows[path] for path in touched] == [spec] * len(touched), rows

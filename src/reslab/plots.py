@@ -1,6 +1,11 @@
 """Matplotlib figures reslab writes: readable PNGs, titled, labelled, with legends.
 
-Uses the non-interactive Agg backend so plotting works on servers and in CI.
+Every figure is a bare :class:`matplotlib.figure.Figure` drawn by its own Agg
+canvas, so plotting works on servers and in CI without touching matplotlib's
+process-wide state: importing this module or calling its functions never
+selects a backend, never loads matplotlib's state-machine interface and never
+registers a figure with its figure manager (an application that embeds reslab
+keeps its own backend, and nothing has to be closed).
 """
 
 from __future__ import annotations
@@ -10,11 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .fileio import atomic_write  # noqa: E402
+from .fileio import atomic_write
 
 if TYPE_CHECKING:
     from .inits import InitReport
@@ -22,12 +26,25 @@ if TYPE_CHECKING:
 DPI = 120
 
 
-def save_figure(fig: plt.Figure, path: str | Path) -> Path:
-    """Write a PNG atomically and close the figure."""
+def new_figure(figsize: tuple[float, float]) -> Figure:
+    """A figure no figure manager knows, drawn by its own Agg canvas (no global backend involved)."""
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)  # attaches itself as fig.canvas
+    return fig
+
+
+def _tab10(i: int) -> tuple[float, float, float, float]:
+    return matplotlib.colormaps["tab10"](i % 10)
+
+
+def save_figure(fig: Figure, path: str | Path, **savefig_kw) -> Path:
+    """Lay the figure out and write it as a PNG, atomically.
+
+    The figure belongs to no figure manager, so there is nothing to close: it is
+    freed with its last reference.
+    """
     fig.tight_layout()
-    out = atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
-    plt.close(fig)
-    return out
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI, **savefig_kw))
 
 
 def plot_init_report(report: InitReport, path: str | Path, title: str = "") -> Path:
@@ -36,7 +53,8 @@ def plot_init_report(report: InitReport, path: str | Path, title: str = "") -> P
     if not rows:
         rows = [r for r in report.rows if r.kind in ("conv", "linear")]
     x = list(range(len(rows)))
-    fig, ax = plt.subplots(figsize=(max(6.0, min(16.0, 0.12 * len(rows) + 4)), 4.2))
+    fig = new_figure((max(6.0, min(16.0, 0.12 * len(rows) + 4)), 4.2))
+    ax = fig.subplots()
     measured = [r.std_measured for r in rows]
     predicted = [r.std_predicted if r.std_predicted is not None else float("nan") for r in rows]
     ax.plot(x, predicted, "-", color="tab:blue", label="predicted by the formula", linewidth=1.5)
@@ -64,7 +82,7 @@ def series_style(i: int) -> dict:
     Indexed by group (not by what a plot happens to show) so a group keeps its
     color in every figure of a report.
     """
-    return {"color": plt.get_cmap("tab10")(i % 10), "linestyle": _LINESTYLES[(i // 10) % len(_LINESTYLES)]}
+    return {"color": _tab10(i), "linestyle": _LINESTYLES[(i // 10) % len(_LINESTYLES)]}
 
 
 LEGEND_INSIDE_MAX = 6  # more series than this: the legend goes outside, right of the axes
@@ -82,7 +100,8 @@ def plot_mean_curves(series: list[dict], path: str | Path, *, title: str, xlabel
     import numpy as np
 
     many = len(series) > LEGEND_INSIDE_MAX
-    fig, ax = plt.subplots(figsize=(10.5 if many else 8.0, 4.8))
+    fig = new_figure((10.5 if many else 8.0, 4.8))
+    ax = fig.subplots()
     values = [v for s in series for v in s["mean"] if not math.isnan(v)]
     log_y = bool(values) and min(values) > 0 and max(values) / min(values) > 100
     for i, s in enumerate(series):
@@ -132,7 +151,8 @@ def plot_mean_bars(labels: list[str], means: list[float | None], stds: list[floa
     width = min(20.0, max(6.0, 0.75 * n + 2.5))
     # Rotate the tick labels when the longest would not fit its bar's slot (~0.085 in per 10 pt character).
     rotate = longest * 0.085 > 0.9 * (width - 1.5) / max(n, 1)
-    fig, ax = plt.subplots(figsize=(width, 4.8 + (0.06 * longest if rotate else 0)))
+    fig = new_figure((width, 4.8 + (0.06 * longest if rotate else 0)))
+    ax = fig.subplots()
     x = list(range(n))
     colors = [series_style(i)["color"] for i in range(n)]
     heights = [m if m is not None else 0.0 for m in means]
@@ -203,10 +223,11 @@ def plot_signal(rows, path: str | Path, *, title: str, xlabel: str = "block (0 =
     inits = list(dict.fromkeys(init for _, init in combos))
     depth = max((len(points) for points in combos.values()), default=0)
 
-    fig, axes = plt.subplots(1, len(_SIGNAL_PANELS), figsize=(15.5, 4.9), sharex=True)
+    fig = new_figure((15.5, 4.9))
+    axes = fig.subplots(1, len(_SIGNAL_PANELS), sharex=True)
     notes = []
     for (norm, init), points in combos.items():
-        style = {"color": plt.get_cmap("tab10")(inits.index(init) % 10),
+        style = {"color": _tab10(inits.index(init)),
                  "linestyle": _LINESTYLES[norms.index(norm) % len(_LINESTYLES)]}
         x = [row.block for row in points]
         missing = []
@@ -236,7 +257,4 @@ def plot_signal(rows, path: str | Path, *, title: str, xlabel: str = "block (0 =
     if notes:
         text = "not drawn (a log axis cannot show 0, inf or NaN): " + " | ".join(notes)
         fig.text(0.01, 0.0, text, ha="left", va="top", fontsize=8, color="0.35", wrap=True)
-    fig.tight_layout()
-    out = atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight"))
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, bbox_inches="tight")
