@@ -3,9 +3,22 @@
 import pytest
 import torch
 from torch import nn
+import torch.nn.functional as F
 
+import reslab
 from reslab.errors import SpecError
-from reslab.norms import gn_groups, list_norms, make_norm, norm_factory, norm_names
+from reslab.norms import (
+    RMS_EPS,
+    InstanceNorm2dAffine,
+    LayerNorm2d,
+    RMSNorm2d,
+    describe_norm_layers,
+    gn_groups,
+    list_norms,
+    make_norm,
+    norm_factory,
+    norm_names,
+)
 
 C = 64
 
@@ -53,23 +66,103 @@ def test_bn_options_reach_the_layer():
     assert layer.momentum == pytest.approx(0.01) and layer.eps == pytest.approx(0.001)
 
 
-def test_gn_defaults_to_32_groups_wu_he():
-    layer = make_norm("gn", 256)
-    assert isinstance(layer, nn.GroupNorm) and layer.num_groups == 32
+# --- gn: groups per width ------------------------------------------------------
+
+# The documented rule: the largest divisor G of C with G <= 32 and C/G >= 16 (1 group below 16 channels).
+GN_DEFAULT_GROUPS = [
+    (16, 1), (32, 2), (48, 3), (64, 4), (128, 8), (256, 16), (512, 32), (1024, 32), (2048, 32),
+    (3, 1), (1, 1), (24, 1), (100, 5), (96, 6), (4096, 32),
+]
 
 
-@pytest.mark.parametrize(
-    "channels, groups",
-    [(64, 32), (32, 32), (16, 16), (48, 24), (3, 3), (100, 25), (1, 1)],
-)
-def test_gn_fallback_is_largest_divisor_up_to_32(channels, groups):
+@pytest.mark.parametrize("channels, groups", GN_DEFAULT_GROUPS)
+def test_gn_default_groups_per_width(channels, groups):
     assert gn_groups(channels) == groups
-    assert make_norm("gn", channels).num_groups == groups
+    layer = make_norm("gn", channels)
+    assert type(layer) is nn.GroupNorm and layer.num_groups == groups
+
+
+def test_gn_default_rule_holds_for_every_width():
+    for c in range(1, 2049):
+        g = gn_groups(c)
+        assert c % g == 0 and 1 <= g <= 32, c
+        assert c // g >= 16 or g == 1, c  # never fewer than 16 channels per group unless C < 16...
+        assert not any(c % d == 0 and c // d >= 16 for d in range(g + 1, 33)), c  # ...and the most groups that allow
+
+
+def test_gn_keeps_32_groups_of_wu_he_on_wide_layers():
+    for c in (512, 1024, 2048, 4096):
+        assert make_norm("gn", c).num_groups == 32
+
+
+def test_gn_default_never_degenerates_to_instance_norm_on_cifar_resnet():
+    model = reslab.build_model("cifar_resnet20", norm="gn", num_classes=10)
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(norms) == 19
+    assert all(m.num_channels // m.num_groups >= 16 for m in norms)
+    assert {m.num_channels: m.num_groups for m in norms} == {16: 1, 32: 2, 64: 4}
+
+
+def test_gn_on_resnet50_widths():
+    model = reslab.build_model("resnet50", norm="gn", num_classes=10)
+    groups = {m.num_channels: m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)}
+    assert groups == {64: 4, 128: 8, 256: 16, 512: 32, 1024: 32, 2048: 32}
+    fixed = reslab.build_model("resnet50", norm="gn:32", num_classes=10)  # Wu & He's setup exactly
+    assert {m.num_groups for m in fixed.modules() if isinstance(m, nn.GroupNorm)} == {32}
 
 
 def test_gn_explicit_groups():
     assert make_norm("gn:8", C).num_groups == 8
     assert make_norm("gn:groups=4", C).num_groups == 4
+    assert make_norm("gn:32", 32).num_groups == 32  # asked for: one channel per group is allowed
+
+
+@pytest.mark.parametrize("spec, channels, groups", [
+    ("gn:cpg=16", 64, 4), ("gn:cpg=16", 2048, 128), ("gn:cpg=8", 16, 2), ("gn:cpg=1", 16, 16),
+    ("gn:cpg=16", 16, 1), ("gn:cpg=16,eps=1e-3", 48, 3),
+])
+def test_gn_channels_per_group(spec, channels, groups):
+    layer = make_norm(spec, channels)
+    assert layer.num_groups == groups and layer.num_channels == channels
+
+
+def test_gn_channels_per_group_factory_and_eps():
+    factory = norm_factory("gn:cpg=16,eps=0.001")
+    assert [factory(c).num_groups for c in (16, 32, 64, 2048)] == [1, 2, 4, 128]
+    assert factory(64).eps == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("spec", ["gn:groups=4,cpg=8", "gn:4,cpg=8", "gn:4,8"])
+def test_gn_groups_and_channels_per_group_conflict(spec):
+    with pytest.raises(SpecError) as info:
+        norm_factory(spec)  # refused when the spec is resolved, before any layer is built
+    message = str(info.value)
+    assert "\n" not in message and spec in message
+    assert "groups=4" in message and "cpg=8" in message
+
+
+def _group_norm_by_hand(x, groups, weight, bias, eps=1e-5):
+    n, c, h, w = x.shape
+    grouped = x.reshape(n, groups, (c // groups) * h * w)  # (N, G, C/G*H*W)
+    mean = grouped.mean(-1, keepdim=True)
+    var = grouped.var(-1, unbiased=False, keepdim=True)
+    normed = ((grouped - mean) / torch.sqrt(var + eps)).reshape(n, c, h, w)
+    return normed * weight.view(1, c, 1, 1) + bias.view(1, c, 1, 1)
+
+
+@pytest.mark.parametrize("spec, channels, groups", [
+    ("gn", 48, 3), ("gn", 64, 4), ("gn", 16, 1), ("gn:8", 64, 8), ("gn:cpg=4", 32, 8),
+])
+def test_gn_matches_the_per_sample_per_group_formula(spec, channels, groups):
+    layer = make_norm(spec, channels)
+    assert layer.num_groups == groups
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(channels, generator=g) + 0.5)
+        layer.bias.copy_(torch.randn(channels, generator=g))
+    x = _x(c=channels)
+    expected = _group_norm_by_hand(x, groups, layer.weight.detach(), layer.bias.detach())
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_ln_is_groupnorm_1():
@@ -94,15 +187,48 @@ def test_in_is_groupnorm_c():
     torch.testing.assert_close(plain.mean((2, 3)), torch.zeros(6, C), atol=1e-5, rtol=0)
 
 
+def _rms_by_hand(x, weight, eps):
+    rms = x.pow(2).mean(dim=1, keepdim=True).add(eps).sqrt()  # (N, 1, H, W)
+    return x / rms * weight.view(1, -1, 1, 1)
+
+
 def test_rms_normalizes_channels_at_each_position():
     layer = make_norm("rms", C)
     _perturb_affine(layer)
     x = _x()
-    eps = torch.finfo(x.dtype).eps  # nn.RMSNorm's default when eps=None
-    rms = x.pow(2).mean(dim=1, keepdim=True).add(eps).sqrt()  # (N, 1, H, W)
-    expected = x / rms * layer.weight.view(1, C, 1, 1)
+    expected = _rms_by_hand(x, layer.weight, RMS_EPS)
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
     assert layer.bias is None
+
+
+def test_rms_eps_is_pinned_not_left_to_the_dtype():
+    layer = make_norm("rms", C)
+    assert RMS_EPS == 1e-6
+    assert layer.norm.eps == RMS_EPS and layer.eps == RMS_EPS  # nn.RMSNorm(eps=None) would vary by dtype
+    assert make_norm("rms:eps=1e-3", C).norm.eps == pytest.approx(1e-3)
+    assert make_norm("rms:1e-4", C).norm.eps == pytest.approx(1e-4)
+    assert RMSNorm2d(C).norm.eps == RMS_EPS
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
+@pytest.mark.parametrize("spec, eps", [("rms", 1e-6), ("rms:eps=1e-3", 1e-3)])
+def test_rms_uses_its_eps_under_bf16_autocast(spec, eps):
+    layer = make_norm(spec, 16)
+    conv = nn.Conv2d(16, 16, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.eye(16).view(16, 16, 1, 1))
+    # activations with a mean square ~eps, where eps decides the output
+    x = torch.randn(4, 16, 3, 3, generator=torch.Generator().manual_seed(0)) * eps ** 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = conv(x)
+        assert h.dtype == torch.bfloat16
+        out = layer(h)
+    h32 = h.float()
+    expected = _rms_by_hand(h32, torch.ones(16), eps)
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+    # the eps a dtype-dependent default would take gives a clearly different answer
+    for other in (torch.finfo(torch.float32).eps, torch.finfo(torch.bfloat16).eps):
+        assert (_rms_by_hand(h32, torch.ones(16), other) - out.float()).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("spec", ["gn", "gn:8", "ln", "in", "rms", "none"])
@@ -130,7 +256,14 @@ def test_factory_resolves_once_and_builds_many():
 @pytest.mark.parametrize(
     "spec, channels, fragments",
     [
-        ("gn:5", 64, ["gn:5", "64 channels", "1, 2, 4, 8, 16, 32"]),
+        ("gn:5", 64, ["gn:5", "64 channels", "1, 2, 4, 8, 16, 32, 64"]),
+        ("gn:groups=48", 32, ["48", "32 channels", "1, 2, 4, 8, 16, 32"]),
+        ("gn:cpg=24", 64, ["cpg=24", "64 channels", "1, 2, 4, 8, 16, 32, 64"]),
+        ("gn:cpg=32", 16, ["cpg=32", "16 channels", "1, 2, 4, 8, 16"]),
+        ("gn:cpg=0", 64, ["'0'", "cpg", "positive integer"]),
+        ("gn:cpg=x", 64, ["'x'", "cpg"]),
+        ("gn:min=16", 64, ["'min'", "groups, cpg, eps"]),
+        ("rms:eps=0", 64, ["'0'", "eps", "positive"]),
         ("batchnorm", 64, ["'batchnorm'", "bn, gn, in, ln, none, rms"]),
         ("gn:groups=x", 64, ["'x'", "groups"]),
         ("bn:mom=0.1", 64, ["'mom'", "momentum, eps"]),
@@ -149,3 +282,82 @@ def test_bad_specs_name_the_value_and_the_choices(spec, channels, fragments):
     assert "\n" not in message
     for fragment in fragments:
         assert fragment in message
+
+
+def test_describe_norm_layers_names_each_kind_and_its_groups():
+    model = nn.Sequential(make_norm("gn", 16), make_norm("gn", 16), make_norm("gn", 64), make_norm("ln", 16),
+                          make_norm("in", 16), make_norm("rms", 16), make_norm("bn", 16), make_norm("none", 16))
+    assert describe_norm_layers(model) == [
+        "GroupNorm C=16: 1 group x 16 ch (x2 layers)",
+        "GroupNorm C=64: 4 groups x 16 ch (x1 layer)",
+        "LayerNorm2d C=16 (x1 layer)",
+        "InstanceNorm2dAffine C=16 (x1 layer)",
+        "RMSNorm2d C=16, eps=1e-06 (x1 layer)",
+        "BatchNorm2d C=16 (x1 layer)",
+    ]
+    assert isinstance(model[3], LayerNorm2d) and isinstance(model[4], InstanceNorm2dAffine)
+    assert describe_norm_layers(nn.Sequential(nn.Linear(2, 2))) == []
+
+
+# --- ghost BatchNorm (Hoffer et al. 2017) ----------------------------------------------
+
+
+def _paired(ghost, channels=6):
+    torch.manual_seed(0)
+    layer = make_norm(f"bn:ghost={ghost}", channels)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+    return layer
+
+
+def test_ghost_bn_with_the_whole_batch_is_batchnorm2d():
+    x = torch.randn(8, 6, 5, 5) * 3 + 1
+    ghost = _paired(8)
+    bn = nn.BatchNorm2d(6)
+    bn.load_state_dict(ghost.state_dict())  # the same parameter and buffer names
+    for _ in range(3):
+        assert torch.allclose(ghost(x), bn(x), atol=1e-6)
+    assert torch.allclose(ghost.running_mean, bn.running_mean, atol=1e-6)
+    assert torch.allclose(ghost.running_var, bn.running_var, atol=1e-5)
+    assert int(ghost.num_batches_tracked) == int(bn.num_batches_tracked) == 3
+
+
+def test_ghost_bn_normalizes_each_group_by_its_own_statistics():
+    x = torch.randn(8, 6, 4, 4) * 2 + 3
+    ghost = _paired(2)
+    y = ghost(x)
+    for start in range(0, 8, 2):
+        pair = x[start:start + 2]
+        mean = pair.mean(dim=(0, 2, 3), keepdim=True)
+        var = pair.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        expected = (pair - mean) / torch.sqrt(var + ghost.eps) * ghost.weight.view(1, -1, 1, 1) \
+            + ghost.bias.view(1, -1, 1, 1)
+        assert torch.allclose(y[start:start + 2], expected, atol=1e-5)
+    # running stats: momentum 0.1 towards the mean of the groups' means and unbiased variances
+    groups = x.view(4, 2, 6, 4, 4)
+    means = groups.mean(dim=(1, 3, 4)).mean(0)
+    variances = groups.transpose(1, 2).reshape(4, 6, -1).var(dim=2, unbiased=True).mean(0)
+    assert torch.allclose(ghost.running_mean, 0.1 * means, atol=1e-6)
+    assert torch.allclose(ghost.running_var, 0.9 + 0.1 * variances, atol=1e-5)
+    # gradients flow through every group; channels_last input gives the same output
+    assert torch.allclose(_paired(2)(x.contiguous(memory_format=torch.channels_last)), y, atol=1e-6)
+
+
+def test_ghost_bn_eval_uses_running_statistics():
+    ghost = _paired(2)
+    x = torch.randn(8, 6, 3, 3)
+    ghost(x)
+    ghost.eval()
+    expected = F.batch_norm(x, ghost.running_mean, ghost.running_var, ghost.weight, ghost.bias, False, 0.0, ghost.eps)
+    assert torch.allclose(ghost(torch.randn(3, 6, 3, 3) * 0 + x[:3]), expected[:3], atol=1e-6)  # any batch size
+
+
+def test_ghost_bn_bad_values_are_clear_errors():
+    with pytest.raises(SpecError, match="'0'.*ghost"):
+        make_norm("bn:ghost=0", 8)
+    layer = make_norm("bn:ghost=4", 8)
+    with pytest.raises(SpecError, match="batch of 6 samples.*groups of 4"):
+        layer(torch.randn(6, 8, 2, 2))
+    layer.eval()
+    assert layer(torch.randn(6, 8, 2, 2)).shape == (6, 8, 2, 2)  # eval takes any batch

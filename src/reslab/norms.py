@@ -8,15 +8,37 @@ Every layer works on NCHW tensors, has per-channel affine parameters where it
 has any (weight 1, bias 0 at construction) and exposes them as ``.weight`` /
 ``.bias`` so init policies and ``zero_init_residual`` can find them.
 
-| spec       | layer                                                    |
-|------------|----------------------------------------------------------|
-| ``bn``     | BatchNorm2d (``bn:momentum=0.1,eps=1e-5``)                 |
-| ``gn``     | GroupNorm, 32 groups (Wu & He 2018), see :func:`gn_groups` |
-| ``gn:G``   | GroupNorm with exactly G groups; G must divide C          |
-| ``ln``     | LayerNorm over (C, H, W) per sample = GroupNorm(1, C)     |
-| ``in``     | InstanceNorm with affine = GroupNorm(C, C)                |
-| ``rms``    | RMSNorm over channels at each position (``nn.RMSNorm``)   |
-| ``none``   | Identity                                                 |
+| spec          | layer                                                          |
+|---------------|----------------------------------------------------------------|
+| ``bn``        | BatchNorm2d (``bn:momentum=0.1,eps=1e-5``)                       |
+| ``gn``        | GroupNorm: at most 32 groups of at least 16 channels each      |
+|               | (:func:`gn_groups`, groups per width below)                    |
+| ``gn:G``      | GroupNorm with exactly G groups (``gn:groups=G``); G must      |
+|               | divide every layer's channel count                             |
+| ``gn:cpg=N``  | GroupNorm with exactly N channels per group (C/N groups); N    |
+|               | must divide every layer's channel count; not with ``groups``   |
+| ``ln``        | LayerNorm over (C, H, W) per sample = GroupNorm(1, C)           |
+| ``in``        | InstanceNorm with affine = GroupNorm(C, C)                      |
+| ``rms``       | RMSNorm over channels at each position, eps 1e-6 (``rms:eps=``) |
+| ``none``      | Identity                                                       |
+
+Groups of plain ``gn`` - the largest divisor G of C with G <= 32 and
+C/G >= 16, or 1 group when C < 16 (Wu & He 2018, Table 3; see
+:func:`gn_groups`):
+
+| C    | layers                                            | groups x channels |
+|------|---------------------------------------------------|-------------------|
+| 16   | CIFAR ResNet stage 1                              | 1 x 16            |
+| 32   | CIFAR ResNet stage 2                              | 2 x 16            |
+| 64   | CIFAR stage 3; ResNet-18/50 stem and stage 1      | 4 x 16            |
+| 128  | ResNet-18/50 stage 2                              | 8 x 16            |
+| 256  | ResNet-18 stage 3; ResNet-50 stage 3, stage 1 out | 16 x 16           |
+| 512  | ResNet-18 stage 4; ResNet-50 stage 4, stage 2 out | 32 x 16           |
+| 1024 | ResNet-50 stage 3 out                             | 32 x 32           |
+| 2048 | ResNet-50 stage 4 out                             | 32 x 64           |
+
+``gn:32`` is Wu & He's fixed-G setup exactly (every ResNet-18/50 width is a
+multiple of 32); ``gn:cpg=16`` is their fixed 16-channels-per-group variant.
 """
 
 from __future__ import annotations
@@ -26,6 +48,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import SpecError
@@ -42,22 +65,51 @@ from .specs import (
 
 NormFactory = Callable[[int], nn.Module]
 
-# Wu & He 2018 (arXiv 1803.08494) use G = 32 groups throughout.
+# Plain ``gn``: at most 32 groups (Wu & He 2018's G) of at least 16 channels
+# (their best fixed channels-per-group setting); see gn_groups.
 DEFAULT_GROUPS = 32
+MIN_CHANNELS_PER_GROUP = 16
+# RMSNorm's eps, pinned (nn.RMSNorm's eps=None depends on the input dtype and
+# the torch version); 1e-6 as timm's RmsNorm / RmsNorm2d.
+RMS_EPS = 1e-6
 
 
-def gn_groups(num_channels: int, groups: int = DEFAULT_GROUPS) -> int:
-    """Group count for plain ``gn``: 32 where it divides C, else the fallback.
+def gn_groups(num_channels: int, max_groups: int = DEFAULT_GROUPS,
+              min_channels: int = MIN_CHANNELS_PER_GROUP) -> int:
+    """Group count of plain ``gn``: the largest divisor G of C with G <= 32 and C/G >= 16.
 
-    The fallback keeps Wu & He's spirit (groups of C/32 channels, never more
-    than 32 groups) for narrow or oddly sized layers such as the 16-channel
-    stages of CIFAR ResNets: it takes the largest divisor of C that is at most
-    ``groups``.  So C=16 gets 16 groups (one channel each), C=48 gets 24,
-    C=3 gets 3.
+    That is, at most ``max_groups`` groups, each of at least ``min_channels``
+    channels; a layer narrower than ``min_channels`` gets 1 group.  For
+    ResNet widths (16 * 2^k) this is G = min(32, C / 16):
+
+    * C = 16, 32, 64 (the CIFAR ResNet stages) -> 1, 2, 4 groups of 16
+      channels (so on the 16-channel stage ``gn`` equals ``ln``); C = 48 ->
+      3 groups of 16; C < 16 -> 1 group.
+    * C = 64, 128, 256 (the narrower ResNet-18/50 layers) -> 4, 8, 16 groups
+      of 16 channels, where the paper's fixed G = 32 had 2, 4 and 8; C = 512,
+      1024, 2048 -> 32 groups (of 16, 32, 64 channels).  So every C >= 512
+      that 32 divides keeps the paper's G = 32 exactly.
+
+    Why: Wu & He 2018 (arXiv 1803.08494), Table 3, evaluate GN on ResNet-50
+    both with a fixed number of groups (G = 32 best: 24.1% top-1 error) and
+    with a fixed number of channels per group (16 channels best: 24.2%).  The
+    two rows agree within 0.1 point at ImageNet widths, where G = 32 never
+    leaves fewer than 2 channels per group.  On narrow layers a fixed G = 32
+    degenerates: C = 32 or 16 would get 1 channel per group, which is
+    InstanceNorm, the worst entry of that table (28.4%).  Capping G at 32
+    *and* keeping at least 16 channels per group takes the best setting of
+    both rows and never turns GN into IN.  ``gn:32`` (fixed G) and
+    ``gn:cpg=16`` (fixed channels per group) give the paper's two setups
+    exactly.
     """
-    if num_channels % groups == 0:
-        return groups
-    return max(d for d in range(1, min(groups, num_channels) + 1) if num_channels % d == 0)
+    if not isinstance(num_channels, int) or num_channels < 1:
+        raise SpecError(f"num_channels must be a positive integer, got {num_channels!r}")
+    limit = min(max_groups, num_channels // max(min_channels, 1))
+    return max((d for d in range(1, limit + 1) if num_channels % d == 0), default=1)
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
 class LayerNorm2d(nn.GroupNorm):
@@ -87,14 +139,24 @@ class InstanceNorm2dAffine(nn.GroupNorm):
 class RMSNorm2d(nn.Module):
     """RMSNorm over the channels at each spatial position of an NCHW tensor.
 
-    ``y[n, :, h, w] = x[n, :, h, w] / rms(x[n, :, h, w]) * weight`` - no mean
-    subtraction and no bias (Zhang & Sennrich 2019).  Computed by
+    ``y[n, :, h, w] = x[n, :, h, w] / sqrt(mean_c(x[n, :, h, w]^2) + eps) * weight``
+    - no mean subtraction and no bias (Zhang & Sennrich 2019).  Computed by
     ``nn.RMSNorm`` on a channels-last view.
+
+    ``eps`` is always a number (default :data:`RMS_EPS` = 1e-6, as timm's
+    RmsNorm2d): ``nn.RMSNorm(eps=None)`` would take the machine epsilon of the
+    computation dtype instead, which differs between float32 and float64 and
+    between torch versions (older ones documented ``torch.finfo(x.dtype).eps``,
+    7.8e-3 for a bfloat16 input under autocast).
     """
 
-    def __init__(self, num_channels: int, eps: float | None = None):
+    def __init__(self, num_channels: int, eps: float = RMS_EPS):
         super().__init__()
-        self.norm = nn.RMSNorm(num_channels, eps=eps)
+        self.norm = nn.RMSNorm(num_channels, eps=float(eps))
+
+    @property
+    def eps(self) -> float:
+        return self.norm.eps
 
     @property
     def weight(self) -> nn.Parameter:
@@ -108,23 +170,90 @@ class RMSNorm2d(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+class GhostBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm with the batch statistics of each group of ``ghost`` samples (Hoffer et al. 2017).
+
+    In training, a batch of N = k * G samples is normalized as k separate batches of
+    G: exactly what per-device BatchNorm without SyncBN computes on k devices holding G
+    samples each, so one device simulates the small per-device batches of a
+    data-parallel run (Wu & He 2018, Fig. 1).  The running averages are updated once
+    per batch from all groups (the mean of the groups' means and of their unbiased
+    variances), and evaluation uses them exactly as BatchNorm2d does.  With G = N it
+    *is* BatchNorm2d, outputs and running statistics alike; parameters and buffers
+    carry BatchNorm2d's names, so state dicts move between the two.
+    """
+
+    def __init__(self, num_features: int, ghost: int, eps: float = 1e-5, momentum: float | None = 0.1):
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        if not isinstance(ghost, int) or isinstance(ghost, bool) or ghost < 1:
+            raise SpecError(f"bn ghost batch must be a positive integer, got {ghost!r}")
+        self.ghost = ghost
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, ghost={self.ghost}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W)
+        if not self.training:
+            return super().forward(x)
+        n, c = x.shape[:2]
+        if n % self.ghost:
+            raise SpecError(f"norm 'bn:ghost={self.ghost}' got a training batch of {n} samples, which does not "
+                            f"split into groups of {self.ghost}; use a batch size (and a last batch) that "
+                            f"{self.ghost} divides")
+        k = n // self.ghost
+        # (N, C, H, W) -> (G, k*C, H, W): channel j of group i becomes channel i*C + j, so one
+        # batch_norm call computes every group's statistics over its own G samples.
+        grouped = x.reshape(k, self.ghost, c, *x.shape[2:]).transpose(0, 1).reshape(self.ghost, k * c, *x.shape[2:])
+        weight = self.weight.repeat(k) if self.weight is not None else None
+        bias = self.bias.repeat(k) if self.bias is not None else None
+        y = F.batch_norm(grouped, None, None, weight, bias, training=True, momentum=0.0, eps=self.eps)
+        if self.track_running_stats:
+            with torch.no_grad():
+                var, mean = torch.var_mean(grouped.float(), dim=[0, *range(2, grouped.dim())], correction=1)
+                self.num_batches_tracked.add_(1)
+                factor = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
+                self.running_mean.lerp_(mean.view(k, c).mean(0).to(self.running_mean.dtype), factor)
+                self.running_var.lerp_(var.view(k, c).mean(0).to(self.running_var.dtype), factor)
+        return y.reshape(self.ghost, k, c, *x.shape[2:]).transpose(0, 1).reshape(x.shape)
+
+
 @dataclass(frozen=True)
 class NormEntry:
     name: str
     description: str
     params: dict[str, Converter]
     build: Callable[..., nn.Module]  # (num_channels, **bound args) -> module
+    # checks the bound args once, before any layer is built (conflicting arguments)
+    check: Callable[[Spec, dict], None] | None = None
 
 
-def _build_gn(num_channels: int, groups: int | None = None, eps: float = 1e-5) -> nn.Module:
+def _check_gn(spec: Spec, kwargs: dict) -> None:
+    if "groups" in kwargs and "cpg" in kwargs:
+        raise SpecError(
+            f"norm {spec.text or spec.name!r} sets both groups={kwargs['groups']} and cpg={kwargs['cpg']}; "
+            "give one: gn:groups=G (G groups) or gn:cpg=N (N channels per group), or plain gn"
+        )
+
+
+def _build_gn(num_channels: int, groups: int | None = None, cpg: int | None = None,
+              eps: float = 1e-5) -> nn.Module:
+    if groups is not None and cpg is not None:
+        _check_gn(Spec("gn"), {"groups": groups, "cpg": cpg})
+    if cpg is not None:
+        if num_channels % cpg != 0:
+            raise SpecError(
+                f"norm 'gn:cpg={cpg}' cannot split a layer of {num_channels} channels into groups of "
+                f"{cpg} channels: cpg must divide the channel count (valid for {num_channels} channels: "
+                f"{_divisors(num_channels)}); or use plain 'gn'"
+            )
+        return nn.GroupNorm(num_channels // cpg, num_channels, eps=eps)
     if groups is None:
         return nn.GroupNorm(gn_groups(num_channels), num_channels, eps=eps)
     if num_channels % groups != 0:
         raise SpecError(
             f"norm 'gn:{groups}' cannot split a layer of {num_channels} channels into {groups} groups: "
-            f"groups must divide the channel count (divisors of {num_channels} up to 32: "
-            f"{', '.join(str(d) for d in range(1, min(32, num_channels) + 1) if num_channels % d == 0)}); "
-            "or use plain 'gn' for the automatic fallback"
+            f"groups must divide the channel count (valid for {num_channels} channels: "
+            f"{_divisors(num_channels)}); or use plain 'gn'"
         )
     return nn.GroupNorm(groups, num_channels, eps=eps)
 
@@ -136,15 +265,23 @@ def register_norm(entry: NormEntry) -> NormEntry:
     return _REGISTRY.register(entry.name, entry)
 
 
+def _build_bn(num_channels: int, momentum: float = 0.1, eps: float = 1e-5, ghost: int | None = None) -> nn.Module:
+    if ghost is None:
+        return nn.BatchNorm2d(num_channels, eps=eps, momentum=momentum)
+    return GhostBatchNorm2d(num_channels, ghost, eps=eps, momentum=momentum)
+
+
 register_norm(NormEntry(
-    "bn", "BatchNorm2d: batch statistics in training, running averages in eval",
-    {"momentum": unit_float, "eps": positive_float},
-    lambda c, momentum=0.1, eps=1e-5: nn.BatchNorm2d(c, eps=eps, momentum=momentum),
+    "bn", "BatchNorm2d: batch statistics in training, running averages in eval; bn:ghost=G = statistics "
+          "per group of G samples, as per-device BN on G-sample devices (Hoffer et al. 2017)",
+    {"momentum": unit_float, "eps": positive_float, "ghost": positive_int},
+    _build_bn,
 ))
 register_norm(NormEntry(
-    "gn", "GroupNorm, gn:G for G groups; plain gn = 32 groups, or the largest divisor of C below 32",
-    {"groups": positive_int, "eps": positive_float},
-    _build_gn,
+    "gn", "GroupNorm: plain gn = at most 32 groups of >= 16 channels (C=16/32/64 -> 1/2/4 groups, "
+          "C>=512 -> 32; Wu & He Table 3); gn:G = G groups; gn:cpg=N = N channels per group",
+    {"groups": positive_int, "cpg": positive_int, "eps": positive_float},
+    _build_gn, _check_gn,
 ))
 register_norm(NormEntry(
     "ln", "LayerNorm over (C,H,W) of each sample, per-channel affine = GroupNorm(1, C)",
@@ -157,9 +294,9 @@ register_norm(NormEntry(
     lambda c, eps=1e-5: InstanceNorm2dAffine(c, eps=eps),
 ))
 register_norm(NormEntry(
-    "rms", "RMSNorm over channels at each position (nn.RMSNorm), scale only",
+    "rms", "RMSNorm over channels at each position (nn.RMSNorm), scale only; eps 1e-6 (rms:eps=...)",
     {"eps": positive_float},
-    lambda c, eps=None: RMSNorm2d(c, eps=eps),
+    lambda c, eps=RMS_EPS: RMSNorm2d(c, eps=eps),
 ))
 register_norm(NormEntry(
     "none", "no normalization (Identity)",
@@ -171,7 +308,10 @@ register_norm(NormEntry(
 def _resolve(spec: str | Spec) -> tuple[NormEntry, dict]:
     parsed = spec if isinstance(spec, Spec) else parse_spec(spec, "norm spec")
     entry = _REGISTRY.lookup(parsed.name, parsed.text or parsed.name)
-    return entry, bind(parsed, entry.params, "norm")
+    kwargs = bind(parsed, entry.params, "norm")
+    if entry.check is not None:
+        entry.check(parsed, kwargs)
+    return entry, kwargs
 
 
 def norm_factory(spec: str | Spec) -> NormFactory:
@@ -201,7 +341,38 @@ def has_affine_weight(module: nn.Module) -> bool:
     return isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
+def describe_norm_layers(model: nn.Module) -> list[str]:
+    """One line per distinct norm layer of ``model``, in module order, with how many there are.
+
+    GroupNorms show their groups (``GroupNorm C=16: 1 group x 16 ch (x7 layers)``);
+    LayerNorm2d and InstanceNorm2dAffine, GroupNorms underneath, are named as
+    what they are.  Empty for a model without norm layers.
+    """
+    counts: dict[str, int] = {}
+    inner: set[int] = set()
+    for module in model.modules():
+        if id(module) in inner:
+            continue
+        if isinstance(module, RMSNorm2d):
+            inner.add(id(module.norm))
+            key = f"RMSNorm2d C={module.weight.numel()}, eps={module.eps:g}"
+        elif isinstance(module, (LayerNorm2d, InstanceNorm2dAffine)):
+            key = f"{type(module).__name__} C={module.num_channels}"
+        elif isinstance(module, nn.GroupNorm):
+            g, c = module.num_groups, module.num_channels
+            key = f"GroupNorm C={c}: {g} group{'s' if g != 1 else ''} x {c // g} ch"
+        elif isinstance(module, nn.modules.batchnorm._NormBase):
+            key = f"{type(module).__name__} C={module.num_features}"
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            key = f"{type(module).__name__} {tuple(module.normalized_shape)}"
+        else:
+            continue
+        counts[key] = counts.get(key, 0) + 1
+    return [f"{key} (x{n} layer{'s' if n != 1 else ''})" for key, n in counts.items()]
+
+
 __all__ = [
-    "DEFAULT_GROUPS", "NormFactory", "RMSNorm2d", "LayerNorm2d", "InstanceNorm2dAffine",
-    "gn_groups", "make_norm", "norm_factory", "list_norms", "norm_names", "register_norm",
+    "DEFAULT_GROUPS", "MIN_CHANNELS_PER_GROUP", "RMS_EPS", "NormFactory", "RMSNorm2d", "LayerNorm2d",
+    "InstanceNorm2dAffine", "describe_norm_layers", "gn_groups", "make_norm", "norm_factory", "list_norms",
+    "norm_names", "register_norm",
 ]
