@@ -346,7 +346,9 @@ class InitPolicy:
     linear: str = "default"           # scheme for Linear weights
     bias: str | None = None           # conv/linear biases; None: "default" where the layer's weight is, else zeros
     norm: str = "default"             # norm scales; "default" = ones. Norm shifts always start at zero.
-    zero_init_residual: bool = False  # zero each residual branch's last norm (Goyal et al. 2017)
+    # zero each residual branch's last norm scale (Goyal et al. 2017); None: as the model was
+    # built (a ResNet built with zero_init_residual=True keeps those scales at zero)
+    zero_init_residual: bool | None = None
 
     def __post_init__(self) -> None:
         for key in KINDS:
@@ -364,7 +366,7 @@ class InitPolicy:
                         f"e.g. {{'{min(scheme.entry.kinds)}': '{value}'}}" if key in _WEIGHTS else "")
                 raise SpecError(f"init scheme {value!r} cannot initialize {_KIND_LABELS[key]}; "
                                 f"valid choices for {_KIND_LABELS[key]}: {valid}{hint}")
-        if not isinstance(self.zero_init_residual, bool):
+        if self.zero_init_residual is not None and not isinstance(self.zero_init_residual, bool):
             raise SpecError(f"init policy 'zero_init_residual' must be true or false, got {self.zero_init_residual!r}")
 
 
@@ -491,17 +493,31 @@ def _seeded(model: nn.Module, seed: int | None, generator: torch.Generator | Non
         yield seed
 
 
+def wants_zero_init_residual(model: nn.Module, policy: InitPolicy) -> bool:
+    """Whether ``policy`` on ``model`` zeroes the residual branches' last norms.
+
+    The policy decides where it says so; otherwise the model does (a ResNet
+    built with ``zero_init_residual=True`` records it).  A policy that says
+    false on a model built with it is a contradiction, not a choice.
+    """
+    built_with = bool(getattr(model, "zero_init_residual", False))
+    if policy.zero_init_residual is False and built_with:
+        raise SpecError("init policy says zero_init_residual: false, but the model was built with "
+                        "zero_init_residual=True; drop one of the two")
+    return built_with if policy.zero_init_residual is None else policy.zero_init_residual
+
+
 def _zero_init_residual(model: nn.Module) -> set[int]:
     """Call ``zero_init_last()`` on every block that has it; ids of the tensors it wrote.
 
     Goyal et al. 2017 (arXiv 1706.02677): with the last norm of each residual
     branch at zero, every block starts as the identity.  A tensor counts as
-    written if its version counter moved or its values changed.
+    written if its version counter moved or its values changed.  A model where
+    nothing can be zeroed (no residual blocks, or branches that end without a
+    norm scale) is a SpecError: asking for it and silently getting nothing
+    would record a run that is not the one named.
     """
     blocks = [m for m in model.modules() if callable(getattr(m, "zero_init_last", None))]
-    if not blocks:
-        log.warning("zero_init_residual: no module in %s defines zero_init_last(); nothing zeroed",
-                    type(model).__name__)
     written: set[int] = set()
     for block in blocks:
         before = {id(p): (p._version, p.detach().clone()) for p in block.parameters()}
@@ -510,6 +526,9 @@ def _zero_init_residual(model: nn.Module) -> set[int]:
             version, saved = before.get(id(p), (None, None))
             if saved is None or p._version != version or not torch.equal(p.detach(), saved):
                 written.add(id(p))
+    if not written:
+        raise SpecError(f"zero_init_residual: {type(model).__name__} has no residual branch ending in a norm "
+                        "with a scale to zero (a plain net, a model without zero_init_last(), or norm 'none')")
     return written
 
 
@@ -548,7 +567,7 @@ def init_weights(model: nn.Module, spec: str | Mapping[str, Any] | InitPolicy = 
         for _, target, text in plan:
             if text is not None:
                 resolve(text).apply(target)
-        zeroed = _zero_init_residual(model) if policy.zero_init_residual else set()
+        zeroed = _zero_init_residual(model) if wants_zero_init_residual(model, policy) else set()
 
     rows = []
     for path, t, text in plan:
@@ -564,5 +583,5 @@ def init_weights(model: nn.Module, spec: str | Mapping[str, Any] | InitPolicy = 
 __all__ = [
     "KINDS", "NONLINEARITIES", "POLICY_KEYS", "InitEntry", "InitPolicy", "InitReport", "InitRow",
     "Scheme", "Target", "fans", "init_entry", "init_names", "init_weights", "list_inits",
-    "parse_policy", "register_init", "resolve_init",
+    "parse_policy", "register_init", "resolve_init", "wants_zero_init_residual",
 ]

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..errors import SpecError
+from ..errors import SpecError, choices_error
 from ..norms import NormFactory, norm_factory
 from . import _coerce, _positive_int, register_model
 
@@ -73,11 +73,14 @@ class MLP(nn.Module):
 
 
 class SimpleCNN(nn.Module):
-    """Three 3x3 conv-norm-ReLU layers with two max-pools, global average pooling, a 2-layer head.
+    """Three 3x3 conv-norm-ReLU layers with two max-pools and a 2-layer head: the seeds' MNIST CNN.
 
-    Channels ``width, 2*width, 4*width`` (16/32/64 by default, as in the seed's
-    CNN); global average pooling (Lin et al. 2013, arXiv 1312.4400) makes the
-    head independent of the input size.
+    Channels ``width, 2*width, 4*width`` (16/32/64 by default).  ``head="flatten"``
+    (the default, as in the seeds) flattens the last ``4w x H/4 x W/4`` map (64x7x7 on
+    28x28 MNIST) into the ``hidden``-unit layer, so the model is built for one input
+    size; ``head="gap"`` global-average-pools first (Lin et al. 2013, arXiv 1312.4400),
+    which makes the head independent of the input size but throws away where each
+    feature is, and learns far more slowly on digits.
     """
 
     def __init__(
@@ -88,8 +91,12 @@ class SimpleCNN(nn.Module):
         norm: str | NormFactory = "bn",
         width: int = 16,
         hidden: int = 100,
+        head: str = "flatten",
+        input_size: tuple[int, int] = (28, 28),
     ):
         super().__init__()
+        if head not in SIMPLE_CNN_HEADS:
+            raise choices_error("simple_cnn head", head, SIMPLE_CNN_HEADS)
         norm_layer = norm if callable(norm) else norm_factory(norm)
         c1, c2, c3 = width, 2 * width, 4 * width
         # Conv biases are dropped before a norm, as in the ResNets.
@@ -101,16 +108,30 @@ class SimpleCNN(nn.Module):
         self.bn3 = norm_layer(c3)
         self.relu = nn.ReLU()
         self.pool = nn.MaxPool2d(kernel_size=2, stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc1 = nn.Linear(c3, hidden)
+        self.head = head
+        if head == "gap":
+            self.avgpool: nn.Module = nn.AdaptiveAvgPool2d((1, 1))
+            features = c3
+        else:
+            self.avgpool = nn.Identity()
+            height, width_px = input_size
+            features = c3 * (height // 4) * (width_px // 4)  # two 2x2 max-pools, floor
+        self.fc1 = nn.Linear(features, hidden)
         self.fc2 = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C_in, H, W)
         x = self.relu(self.bn1(self.conv1(x)))  # (N, w, H, W)
         x = self.pool(self.relu(self.bn2(self.conv2(x))))  # (N, 2w, H/2, W/2)
         x = self.pool(self.relu(self.bn3(self.conv3(x))))  # (N, 4w, H/4, W/4)
-        x = torch.flatten(self.avgpool(x), 1)  # (N, 4w)
+        x = torch.flatten(self.avgpool(x), 1)  # (N, 4w*H/4*W/4) flatten; (N, 4w) gap
+        if x.shape[1] != self.fc1.in_features:
+            raise ValueError(f"simple_cnn (head=flatten) was built for {self.fc1.in_features} features, got "
+                             f"{x.shape[1]} from input of shape {tuple(x.shape)}; build it for this input_size "
+                             "or use head=gap")
         return self.fc2(self.relu(self.fc1(x)))  # (N, num_classes)
+
+
+SIMPLE_CNN_HEADS = ("flatten", "gap")
 
 
 # Both baselines come from the seeds' MNIST recipes: 1 channel, 28x28.
@@ -131,10 +152,11 @@ def mlp(*, num_classes, in_channels, input_size, hidden=(256, 128), dropout=0.2)
 
 
 @register_model(default_input=MNIST_INPUT)
-def simple_cnn(*, num_classes, in_channels, norm, input_size, width=16, hidden=100):
-    """Small CNN: 3 conv-norm-ReLU (16/32/64), 2 max-pools, global pool, 100-unit head; inputs >= 4x4."""
-    if input_size is not None and min(_size_pair(input_size)) < SIMPLE_CNN_MIN_INPUT_SIZE:
+def simple_cnn(*, num_classes, in_channels, norm, input_size, width=16, hidden=100, head="flatten"):
+    """The seeds' CNN: 3 conv-norm-ReLU (16/32/64), 2 max-pools, flatten (or head=gap), 100-unit layer; inputs >= 4x4."""
+    size = _size_pair(MNIST_INPUT[1] if input_size is None else input_size)
+    if min(size) < SIMPLE_CNN_MIN_INPUT_SIZE:
         raise SpecError(f"simple_cnn needs inputs of at least {SIMPLE_CNN_MIN_INPUT_SIZE}x{SIMPLE_CNN_MIN_INPUT_SIZE}, "
                         f"got input_size={input_size!r}")
-    return SimpleCNN(num_classes=num_classes, in_channels=in_channels, norm=norm,
-                     width=_positive_int(width, "width"), hidden=_positive_int(hidden, "hidden"))
+    return SimpleCNN(num_classes=num_classes, in_channels=in_channels, norm=norm, width=_positive_int(width, "width"),
+                     hidden=_positive_int(hidden, "hidden"), head=str(head), input_size=size)

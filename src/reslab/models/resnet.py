@@ -44,10 +44,12 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
-def _zero_weight(norm: nn.Module) -> None:
-    # Tolerant of norms without an affine scale (norm="none" is an Identity).
-    if has_affine_weight(norm):
-        nn.init.zeros_(norm.weight)
+def _zero_weight(norm: nn.Module) -> bool:
+    """Zero a norm's scale; False for norms without one (norm="none" is an Identity)."""
+    if not has_affine_weight(norm):
+        return False
+    nn.init.zeros_(norm.weight)
+    return True
 
 
 @contextmanager
@@ -113,14 +115,14 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
         self.stride = stride
 
-    def zero_init_last(self) -> None:
+    def zero_init_last(self) -> bool:
         """Zero the residual branch's last norm scale, so the block starts as the identity.
 
         Goyal et al. 2017 (arXiv 1706.02677, Sec. 5.1).  A no-op for plain blocks,
-        whose only path is the branch: zeroing it would cut the signal.
+        whose only path is the branch: zeroing it would cut the signal.  True if a
+        scale was zeroed.
         """
-        if self.residual:
-            _zero_weight(self.bn2)
+        return self.residual and _zero_weight(self.bn2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, inplanes, H, W)
         out = self.relu(self.bn1(self.conv1(x)))  # (N, planes, H/s, W/s)
@@ -164,10 +166,10 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
         self.stride = stride
 
-    def zero_init_last(self) -> None:
-        """Zero ``bn3``'s scale (Goyal et al. 2017, arXiv 1706.02677); a no-op for plain blocks."""
-        if self.residual:
-            _zero_weight(self.bn3)
+    def zero_init_last(self) -> bool:
+        """Zero ``bn3``'s scale (Goyal et al. 2017, arXiv 1706.02677); a no-op for plain blocks.
+        True if a scale was zeroed."""
+        return self.residual and _zero_weight(self.bn3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, inplanes, H, W)
         out = self.relu(self.bn1(self.conv1(x)))  # (N, planes, H, W)
@@ -267,11 +269,15 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(inplanes, num_classes)
         self.num_features = inplanes
 
+        # Recorded on the model, so ``init_weights`` (which sets every norm scale) keeps
+        # these scales at zero instead of undoing them.
+        self.zero_init_residual = bool(zero_init_residual)
         if zero_init_residual:
             # Goyal et al. 2017 (arXiv 1706.02677): each residual block starts as the identity.
-            for module in self.modules():
-                if hasattr(module, "zero_init_last"):
-                    module.zero_init_last()
+            zeroed = [module.zero_init_last() for module in self.modules() if hasattr(module, "zero_init_last")]
+            if not any(zeroed):
+                raise SpecError("zero_init_residual=True needs a norm with a scale at the end of each residual "
+                                "branch; this norm has none (use bn, gn, ln, in or rms)")
 
     def _make_shortcut(self, inplanes: int, outplanes: int, stride: int, norm_layer: NormFactory) -> nn.Module | None:
         """The block's ``downsample``: None (identity) unless the shape changes."""
