@@ -54,7 +54,8 @@ def test_mlp_on_mnist5k_reaches_90_percent(capsys, tmp_path):
 def test_run_directory_records(tmp_path):
     out = tmp_path / "run"
     result = train(TrainConfig(**_tiny_config(out, epochs=2)))
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.yaml", "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.yaml", "metrics.jsonl", "steps.jsonl",
+                                                     "summary.json"]
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["model"] == "simple_cnn" and saved["epochs"] == 2 and saved["out"] == str(out)
     summary = result.summary
@@ -193,6 +194,7 @@ BAD_FLAGS = [
     (["--seed", "x"], "'x'"),
     (["--device", "gpu"], "'gpu'"),
     (["--device", "cuda:7"], "cuda:7"),
+    (["--device", "mps"], "'mps'"),
     (["--precision", "fp8"], "'fp8'"),
     (["--precision", "bf16", "--device", "cpu"], "bf16"),
     (["--val-split", "1.5"], "--val-split"),
@@ -211,12 +213,7 @@ BAD_FLAGS = [
 def test_bad_flag_values_are_one_line_exit_2_and_write_nothing(capsys, tmp_path, flags, fragment):
     flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
     out = tmp_path / "out"
-    argv = ["train", *TINY, "--epochs", "1", *flags]
-    if "--resume" not in flags:
-        argv += ["--out", str(out)]
-    else:
-        argv += ["--out", str(out)]
-    code, stdout, err = cli(capsys, *argv)
+    code, stdout, err = cli(capsys, "train", *TINY, "--epochs", "1", *flags, "--out", str(out))
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("reslab: error:"), err
@@ -233,9 +230,11 @@ def test_existing_run_dir_needs_resume_and_corrupt_checkpoint_is_reported(capsys
     (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
     code, _, err = cli(capsys, "train", *TINY, "--epochs", "2", "--out", str(out), "--resume")
     assert code == 2 and "corrupted" in err and len(err.strip().splitlines()) == 1
-    code, _, err = cli(capsys, "train", *TINY, "--epochs", "2", "--lr", "0.1", "--model", "mlp",
-                       "--out", str(out), "--resume")
-    assert code == 2
+    # a resume that changes what the run computes names each change, whatever the checkpoint holds
+    train(TrainConfig(**_tiny_config(tmp_path / "other", epochs=1)))
+    code, _, err = cli(capsys, "train", *TINY, "--epochs", "1", "--lr", "0.1", "--model", "mlp",
+                       "--out", str(tmp_path / "other"), "--resume")
+    assert code == 2 and "--model 'simple_cnn' -> 'mlp'" in err and "--lr 0.05 -> 0.1" in err
 
 
 def test_unwritable_out_is_bad_input(capsys, tmp_path):

@@ -38,7 +38,10 @@ class TrainConfig:
     # -- what to train --
     model: str = _f("cifar_resnet20", "model name (reslab list models)")
     norm: str = _f("bn", "norm spec: bn, gn, gn:G, ln, in, rms, none")
-    init: str = _f("default", "init scheme or policy for the weights (reslab list inits)")
+    init: str | dict[str, Any] = _f(
+        "default", "init scheme for conv and linear weights, or a policy mapping "
+        "({conv: ..., linear: ..., bias: ..., norm: ..., zero_init_residual: ...}; reslab list inits)",
+        policy=True)
     stem: str | None = _f(None, "ResNet stem: imagenet (7x7/2 + maxpool) or cifar (3x3/1); default: the model's",
                           choices=STEMS)
     shortcut: str | None = _f(None, "ResNet shortcut: A (zero-pad identity) or B (1x1 projection); default: the model's",
@@ -63,6 +66,8 @@ class TrainConfig:
     label_smoothing: float = _f(0.0, "label smoothing for the cross-entropy loss")
     grad_clip: float = _f(0.0, "clip the global gradient norm to this value (0 = off)")
     seed: int = _f(0, "seed for init, shuffling, augmentation and dropout")
+    log_every: int = _f(10, "record the mean train loss and the lr every this many steps in steps.jsonl "
+                            "(and check for a non-finite loss)")
     # -- execution --
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     precision: str = _f("fp32", "fp32, or bf16/fp16 autocast (CUDA only)", choices=PRECISIONS)
@@ -84,9 +89,13 @@ class TrainConfig:
             options["stem"] = self.stem
         if self.shortcut is not None:
             options["shortcut"] = self.shortcut
-        if self.zero_init_residual:
+        if self.zero_init_residual or self.policy_zero_init_residual():
             options["zero_init_residual"] = True
         return options
+
+    def policy_zero_init_residual(self) -> bool | None:
+        """What an init policy mapping says of zero_init_residual (None: nothing)."""
+        return self.init.get("zero_init_residual") if isinstance(self.init, dict) else None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -101,7 +110,7 @@ class TrainConfig:
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 raise choices_error(flag(f.name), value, choices)
-        positive = ("epochs", "batch_size", "eval_batch_size")
+        positive = ("epochs", "batch_size", "eval_batch_size", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise SpecError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
@@ -111,6 +120,8 @@ class TrainConfig:
                 raise SpecError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise SpecError(f"--lr must be positive, got {self.lr}")
+        if self.nesterov and self.optimizer == "sgd" and self.momentum == 0:
+            raise SpecError("--nesterov needs --momentum > 0")
         if self.momentum >= 1:
             raise SpecError(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.label_smoothing >= 1:
@@ -119,9 +130,79 @@ class TrainConfig:
             raise SpecError(f"--val-split must be in [0, 1), got {self.val_split}")
         if not _DEVICE_RE.match(self.device):
             raise SpecError(f"unknown --device {self.device!r}; valid choices: auto, cpu, cuda, cuda:N")
+        if self.zero_init_residual and self.policy_zero_init_residual() is False:
+            raise SpecError("--zero-init-residual contradicts the init policy's zero_init_residual: false; "
+                            "drop one of the two")
         if self.resume and not self.out:
             raise SpecError("--resume needs --out DIR naming the run to continue")
         return self
+
+
+# --- what a resume, or a sweep that finds a run already there, may change -----------
+
+# Fields that say where or how a run executes, never what it computes: they may
+# differ between a run directory's config.yaml and the config now asked for.
+EXECUTION_FIELDS = ("out", "resume", "progress", "device", "data_dir", "download", "eval_batch_size", "compile",
+                    "channels_last")
+# Schedules whose lr at a given epoch does not depend on the total number of epochs:
+# a resume may raise --epochs under them without bending the curve already trained.
+EPOCH_FREE_SCHEDULES = ("constant", "step")
+
+
+def normalized_init(value: Any) -> Any:
+    """An init value in the one form that configs compare and save: a stripped string,
+    or a mapping with only the keys given, in InitPolicy's key order."""
+    if isinstance(value, dict):
+        from .inits import POLICY_KEYS
+
+        return {k: value[k] for k in POLICY_KEYS if k in value and value[k] is not None}
+    return str(value).strip()
+
+
+def differing_fields(saved: TrainConfig, requested: TrainConfig, ignore: tuple[str, ...] = EXECUTION_FIELDS
+                     ) -> list[str]:
+    """The fields (other than ``ignore``) whose values differ between two configs, in field order."""
+    return [f.name for f in fields(TrainConfig)
+            if f.name not in ignore and getattr(saved, f.name) != getattr(requested, f.name)]
+
+
+def epochs_may_change(cfg: TrainConfig) -> bool:
+    """True where the lr curve of the epochs already trained does not depend on ``epochs``."""
+    from .specs import parse_spec
+
+    spec = parse_spec(cfg.schedule, "schedule spec")
+    if spec.name in EPOCH_FREE_SCHEDULES:
+        return True
+    if spec.name == "multistep":  # milestones given as epoch numbers (>= 1), not fractions of the run
+        milestones = spec.kwargs.get("milestones", spec.positional[0] if spec.positional else "0.5/0.75")
+        try:
+            return all(float(m) >= 1 for m in milestones.split("/") if m.strip())
+        except ValueError:
+            return False
+    return False
+
+
+def resume_conflicts(saved: TrainConfig, requested: TrainConfig) -> list[str]:
+    """Fields a resume of ``saved`` may not change to ``requested``'s values.
+
+    A resume may change how the run executes (EXECUTION_FIELDS) and, under a
+    schedule whose curve does not depend on the total (constant, step, multistep
+    at absolute epochs), ``epochs``; anything else would make the saved numbers
+    those of another run.
+    """
+    conflicts = differing_fields(saved, requested)
+    if "epochs" in conflicts and epochs_may_change(saved):
+        conflicts.remove("epochs")
+    return conflicts
+
+
+def describe_differences(saved: TrainConfig, requested: TrainConfig, names: list[str]) -> str:
+    """``epochs 3 -> 4, lr 0.1 -> 0.05``: how each named field differs."""
+    def show(value: Any) -> str:
+        return yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip().removesuffix("...").strip() \
+            if isinstance(value, dict) else repr(value) if isinstance(value, str) else str(value)
+
+    return ", ".join(f"{flag(n)} {show(getattr(saved, n))} -> {show(getattr(requested, n))}" for n in names)
 
 
 def flag(name: str) -> str:
@@ -139,6 +220,8 @@ def field_type(f: dataclasses.Field) -> type:
 
 def coerce(f: dataclasses.Field, value: Any) -> Any:
     """Convert a YAML or command-line value to a field's type; SpecError if it does not fit."""
+    if f.metadata.get("policy"):
+        return _coerce_policy(f, value)
     tp = field_type(f)
     if value is None:
         if f.default is None:
@@ -168,6 +251,25 @@ def coerce(f: dataclasses.Field, value: Any) -> Any:
     except (TypeError, ValueError):
         raise SpecError(f"bad value {value!r} for {flag(f.name)}: expected {tp.__name__}") from None
     return str(value)
+
+
+def _coerce_policy(f: dataclasses.Field, value: Any) -> str | dict[str, Any]:
+    """An init value: a scheme string, or a policy mapping (from YAML, or ``--init '{conv: ...}'``)."""
+    if isinstance(value, str) and value.strip().startswith("{"):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise SpecError(f"bad value {value!r} for {flag(f.name)}: not a valid YAML mapping") from None
+    if value is None:
+        raise SpecError(f"{flag(f.name)} needs a value")
+    if isinstance(value, dict):
+        from .inits import parse_policy
+
+        policy = parse_policy(value)  # unknown keys, bad schemes: a SpecError now, not when the run starts
+        return normalized_init({str(k): getattr(policy, str(k)) for k in value})
+    if isinstance(value, (list, tuple, set)):
+        raise SpecError(f"bad value {value!r} for {flag(f.name)}: expected a scheme string or a policy mapping")
+    return normalized_init(value)
 
 
 def config_from_dict(data: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:

@@ -649,7 +649,7 @@ def load_dataset(
         num_classes=splits.num_classes, in_channels=c, image_size=h,
         mean=tuple(mean), std=tuple(std), augment=augment,
     )
-    log.info("loaded %s", dataset.describe())
+    log.debug("loaded %s", dataset.describe())
     return dataset
 
 

@@ -74,10 +74,10 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def append_jsonl(path: str | os.PathLike, row: dict[str, Any]) -> None:
-    """Append one object as one line and fsync, so a crash loses at most this row."""
+def append_jsonl(path: str | os.PathLike, *rows: dict[str, Any]) -> None:
+    """Append each object as one line and fsync, so a crash loses at most these rows."""
     with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write("".join(json.dumps(row) + "\n" for row in rows))
         f.flush()
         os.fsync(f.fileno())
 

@@ -17,7 +17,9 @@ global RNG state (dropout) is restored from the checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TrainConfig, config_from_dict
+from .config import EXECUTION_FIELDS, TrainConfig, config_from_dict, describe_differences, resume_conflicts
 from .data import Dataset, load_dataset
 from .diagnose import count_params
 from .errors import SpecError
@@ -44,9 +46,7 @@ from .optim import make_optimizer, make_scheduler, parse_schedule
 log = logging.getLogger(__name__)
 
 CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "checkpoint.pt", "summary.json"
-# Check for a non-finite loss every this many steps: often enough to stop a
-# diverged run early, rarely enough that the host-device sync is negligible.
-FINITE_CHECK_EVERY = 16
+STEPS_FILE = "steps.jsonl"  # mean train loss and lr per interval of --log-every steps
 NO_STEP = 2**62  # "no non-finite loss yet" in the cross-rank MIN
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -76,8 +76,11 @@ def resolve_device(spec: str) -> torch.device:
             raise SpecError(
                 f"--device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})"
             )
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise SpecError(f"--device {spec!r}: MPS is not available here; use --device cpu")
+    if device.type == "mps":
+        # The loop keeps float64 sums on the device and the datasets compute float64
+        # channel statistics: MPS has no float64 kernels, so a run would fail mid-way.
+        raise SpecError(f"--device {spec!r} is not supported (MPS has no float64 kernels, which the training "
+                        "loop's exact sums need); valid choices: auto, cpu, cuda, cuda:N")
     return device
 
 
@@ -90,6 +93,9 @@ def check_config(cfg: TrainConfig) -> None:
     device = resolve_device(cfg.device)
     if cfg.precision != "fp32" and device.type != "cuda":
         raise SpecError(f"--precision {cfg.precision} needs a CUDA device; on the CPU use --precision fp32")
+    if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise SpecError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+                        "valid choices here: fp32, fp16")
     if cfg.sync_bn and device.type != "cuda":
         raise SpecError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel); drop --sync-bn")
 
@@ -113,6 +119,22 @@ def preflight(configs: list[TrainConfig]) -> None:
         with torch.device("meta"):
             build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels, norm=cfg.norm,
                         input_size=data.image_size, **cfg.model_options())
+
+
+def _check_ghost_batches(model: nn.Module, cfg: TrainConfig, num_train: int, world_size: int) -> None:
+    """Ghost BN splits each training batch into groups of G: every batch must split evenly, the
+    short last one of an epoch included, or the run is refused before its first step."""
+    from .norms import GhostBatchNorm2d
+
+    ghosts = sorted({m.ghost for m in model.modules() if isinstance(m, GhostBatchNorm2d)})
+    per_rank = cfg.batch_size // world_size
+    last = num_train % cfg.batch_size if world_size == 1 else 0  # DDP drops the short last batch
+    for g in ghosts:
+        bad = per_rank if per_rank % g else last if last % g else None
+        if bad is not None:
+            raise SpecError(f"--norm {cfg.norm!r}: ghost batches of {g} cannot split a training batch of {bad} "
+                            f"({num_train} images at --batch-size {cfg.batch_size}); choose a batch size that {g} "
+                            "divides, with a last batch it divides too")
 
 
 def default_out(cfg: TrainConfig) -> Path:
@@ -209,12 +231,8 @@ class Trainer:
             cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, device=device,
             val_split=cfg.val_split, seed=cfg.seed,
         )
-        if cfg.batch_size % self.dist.world_size:
-            raise SpecError(
-                f"--batch-size {cfg.batch_size} is the global batch and must divide evenly over "
-                f"{self.dist.world_size} processes"
-            )
         model = build_for(cfg, self.data).to(device)
+        _check_ghost_batches(model, cfg, self.data.num_train, self.dist.world_size)
         self.num_params = count_params(model)
         if cfg.sync_bn and self.dist.world_size > 1:  # one process: plain BN is already exact
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -226,7 +244,10 @@ class Trainer:
             ids = [device.index] if device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if cfg.compile:
-            self.net = torch.compile(self.net)
+            # Static shapes: the train step compiles once for the full batch and once for a
+            # short last batch, and both stay cached across epochs.  Evaluation runs the
+            # eager module (``self.model``), so switching to eval mode never recompiles.
+            self.net = torch.compile(self.net, dynamic=False)
         self.steps_per_epoch = self.data.steps_per_epoch(cfg.batch_size, drop_last=self.dist.world_size > 1)
         self.optimizer = make_optimizer(
             model, cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
@@ -236,11 +257,16 @@ class Trainer:
             self.optimizer, cfg.schedule, epochs=cfg.epochs, steps_per_epoch=self.steps_per_epoch,
             warmup_epochs=cfg.warmup_epochs,
         )
+        if self.dist.is_main:  # logged once the config has passed every check: bad input stays one line
+            log.info("data: %s", self.data.describe())
         self.amp_dtype = DTYPES[cfg.precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         self.epoch = 0  # epochs completed
         self.step = 0
         self.first_step_loss: float | None = None  # the loss at initialization (kept across resumes)
+        # Totals over every session of the run (a resume adds to them): wall time up to the
+        # last checkpoint, and the seconds and images of the training epochs it holds.
+        self.wall_time_s, self.train_seconds, self.train_images = 0.0, 0.0, 0.0
 
     # -- state --
 
@@ -269,6 +295,9 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "first_step_loss": self.first_step_loss,
+            "wall_time_s": self.wall_time_s,
+            "train_seconds": self.train_seconds,
+            "train_images": self.train_images,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -296,6 +325,9 @@ class Trainer:
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.first_step_loss = state.get("first_step_loss")
+        self.wall_time_s = float(state.get("wall_time_s", 0.0))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.train_images = float(state.get("train_images", 0.0))
 
     # -- epochs --
 
@@ -308,8 +340,14 @@ class Trainer:
         cfg, dist = self.cfg, self.dist
         self.net.train()
         # Sums live on the device; one sync per epoch (plus the periodic finite check).
-        totals = torch.zeros(3, device=self.device, dtype=torch.float64)  # loss*n, correct, n
+        totals = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss*n, correct
+        count = 0  # images seen: known on the host, so no tensor crosses to the device per step
         first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
+        # The per-step record: the loss summed on the device over each interval of
+        # cfg.log_every steps, read back (with the non-finite check) once per interval.
+        interval_loss = torch.zeros((), device=self.device, dtype=torch.float64)
+        interval_steps = 0
+        step_rows: list[dict[str, Any]] = []
         diverged_at = None
         start = time.perf_counter()
         batches = self.data.train_batches(
@@ -327,47 +365,67 @@ class Trainer:
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            lr = self.optimizer.param_groups[0]["lr"]  # the lr this step used
             self.scheduler.step()
             self.step += 1
             if self.step == 1:  # the loss at initialization, averaged over ranks: one sync per run
                 self.first_step_loss = dist.all_sum(loss.detach().float().reshape(1)).item() / dist.world_size
             with torch.no_grad():
                 n = y.numel()
-                totals += torch.stack([loss.detach().double() * n, (logits.argmax(1) == y).sum().double(),
-                                       torch.tensor(float(n), device=self.device, dtype=torch.float64)])
+                count += n
+                totals += torch.stack([loss.detach().double() * n, (logits.argmax(1) == y).sum().double()])
                 # the first non-finite step, tracked on the device without a sync
                 first_bad = torch.where(~torch.isfinite(loss.detach()) & (first_bad < 0), self.step, first_bad)
-            if (i + 1) % FINITE_CHECK_EVERY == 0 or i + 1 == self.steps_per_epoch:
-                earliest = dist.all_min(torch.where(first_bad < 0, NO_STEP, first_bad))
-                if earliest.item() != NO_STEP:
-                    diverged_at = int(earliest.item())
+                interval_loss += loss.detach().double()
+            interval_steps += 1
+            if interval_steps == cfg.log_every or i + 1 == self.steps_per_epoch:
+                # One host sync per interval: the interval's mean loss over ranks, and the
+                # earliest non-finite step (often enough to stop a diverged run early).
+                loss_sum = dist.all_sum(interval_loss.reshape(1))
+                earliest = dist.all_min(torch.where(first_bad < 0, NO_STEP, first_bad).reshape(1))
+                loss_sum, earliest = torch.cat([loss_sum, earliest.double()]).tolist()
+                mean = loss_sum / (interval_steps * dist.world_size)
+                step_rows.append({"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 6),
+                                  "loss": mean if math.isfinite(mean) else None, "lr": lr,
+                                  "steps": interval_steps})
+                interval_loss.zero_()
+                interval_steps = 0
+                if int(earliest) != NO_STEP:
+                    diverged_at = int(earliest)
                     break
             progress.update(1)
         seconds = time.perf_counter() - start
-        totals = dist.all_sum(totals)
-        loss_sum, correct, count = totals.tolist()
+        count_t = torch.full((1,), float(count), device=self.device, dtype=torch.float64)
+        loss_sum, correct, count = dist.all_sum(torch.cat([totals, count_t])).tolist()
         return {
             "train_loss": loss_sum / max(count, 1),
             "train_acc": correct / max(count, 1),
             "epoch_time_s": seconds,
             "images_per_s": count / seconds if seconds > 0 else 0.0,
             "diverged_at_step": diverged_at,
+            "steps": step_rows,
         }
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        self.net.eval()
-        totals = torch.zeros(3, device=self.device, dtype=torch.float64)
+        # The eager module: no gradient sync to do, and a compiled net would recompile for
+        # eval mode and the eval batch shape.  Under DDP its buffers (BN running stats) are
+        # rank 0's, broadcast at every training forward.
+        model = self.model
+        model.eval()
+        totals = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss sum, correct
+        count = 0
         for x, y in self.data.eval_batches(
             self.cfg.eval_batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
             channels_last=self.cfg.channels_last,
         ):
             with self.autocast():
-                logits = self.net(x)
+                logits = model(x)
             loss = F.cross_entropy(logits.float(), y, reduction="sum")
-            totals += torch.stack([loss.double(), (logits.argmax(1) == y).sum().double(),
-                                   torch.tensor(float(y.numel()), device=self.device, dtype=torch.float64)])
-        loss_sum, correct, count = self.dist.all_sum(totals).tolist()
+            count += y.numel()
+            totals += torch.stack([loss.double(), (logits.argmax(1) == y).sum().double()])
+        count_t = torch.full((1,), float(count), device=self.device, dtype=torch.float64)
+        loss_sum, correct, count = self.dist.all_sum(torch.cat([totals, count_t])).tolist()
         return {"eval_loss": loss_sum / max(count, 1), "eval_acc": correct / max(count, 1)}
 
 
@@ -412,29 +470,64 @@ class _Progress:
 # --- entry point -----------------------------------------------------------------------
 
 
-def _prepare_out(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
-    """Check the run directory; return the checkpoint to resume from (or None)."""
+@dataclass
+class _Resume:
+    """What ``--resume`` found in the run directory."""
+
+    state: dict[str, Any] | None = None  # the checkpoint to continue from (None: start over in place)
+    finished: dict[str, Any] | None = None  # the summary of a run that has nothing left to do
+
+
+def _read_summary(out: Path) -> dict[str, Any] | None:
+    try:
+        summary = json.loads((out / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def _prepare_out(cfg: TrainConfig, out: Path) -> _Resume:
+    """Check the run directory; with ``--resume``, what to continue from.
+
+    A resume may change only what :func:`reslab.config.resume_conflicts` allows
+    (how the run executes, and ``epochs`` under a schedule that does not depend
+    on it); anything else is refused, naming every field, because the run
+    directory would then hold numbers of a run other than the one its
+    config.yaml names.
+    """
     checkpoint = out / CHECKPOINT_FILE
-    if cfg.resume:
-        if not checkpoint.is_file():
-            if (out / CONFIG_FILE).is_file():
-                return None  # started, but killed before its first checkpoint: start over in place
-            raise SpecError(f"--resume: {str(out)!r} holds no run to resume (no {CHECKPOINT_FILE}); drop --resume to start one")
-        try:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a torn or foreign file
-            raise SpecError(f"--resume: checkpoint {str(checkpoint)!r} is corrupted or not a reslab checkpoint ({type(exc).__name__})") from None
-        saved = config_from_dict(state.get("config", {}))
-        for name in ("model", "norm", "init", "dataset", "seed", "batch_size", "optimizer", "schedule", "val_split"):
-            if getattr(saved, name) != getattr(cfg, name):
-                raise SpecError(
-                    f"--resume: --{name.replace('_', '-')} {getattr(cfg, name)!r} differs from the run in "
-                    f"{str(out)!r} ({getattr(saved, name)!r}); resume with the same settings or use another --out"
-                )
-        return state
-    if out.exists() and any(out.iterdir()):
-        raise SpecError(f"--out {str(out)!r} already holds files; pass --resume to continue that run or choose another --out")
-    return None
+    if not cfg.resume:
+        if out.exists() and any(out.iterdir()):
+            raise SpecError(f"--out {str(out)!r} already holds files; pass --resume to continue that run or choose another --out")
+        return _Resume()
+    if not checkpoint.is_file():
+        if (out / CONFIG_FILE).is_file():
+            return _Resume()  # started, but killed before its first checkpoint: start over in place
+        raise SpecError(f"--resume: {str(out)!r} holds no run to resume (no {CHECKPOINT_FILE}); drop --resume to start one")
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        saved = config_from_dict({k: v for k, v in state["config"].items() if k not in ("out", "resume")})
+    except Exception as exc:  # a torn or foreign file
+        raise SpecError(f"--resume: checkpoint {str(checkpoint)!r} is corrupted or not a reslab checkpoint ({type(exc).__name__})") from None
+    conflicts = resume_conflicts(saved, cfg)
+    if conflicts:
+        allowed = ", ".join(f"--{n.replace('_', '-')}" for n in EXECUTION_FIELDS if n not in ("out", "resume"))
+        epochs_note = "" if "epochs" not in conflicts else (
+            f"; --epochs may change only under a schedule that does not depend on it (constant, step, "
+            f"multistep at epoch numbers), not {saved.schedule!r}")
+        raise SpecError(
+            f"--resume: the run in {str(out)!r} was trained with other settings ({describe_differences(saved, cfg, conflicts)}); "
+            f"a resume may change only {allowed}{epochs_note}; use another --out to train these settings"
+        )
+    epoch = int(state.get("epoch", 0))
+    if cfg.epochs < epoch:
+        raise SpecError(f"--resume: --epochs {cfg.epochs} is below the {epoch} epochs the run in {str(out)!r} "
+                        f"has already trained; pass --epochs {epoch} or more")
+    summary = _read_summary(out)
+    if summary is not None and (summary.get("status") == "diverged"
+                                or (summary.get("status") == "completed" and cfg.epochs == epoch)):
+        return _Resume(finished=summary)  # nothing left to do: its record stays exactly as it is
+    return _Resume(state=state)
 
 
 def _check_writable(out: Path) -> None:
@@ -445,11 +538,39 @@ def _check_writable(out: Path) -> None:
         raise SpecError(f"--out {str(out)!r} is not writable ({str(parent)!r} does not accept new files)")
 
 
+def check_world_size(cfg: TrainConfig, dist: Dist) -> None:
+    """Both batch sizes split evenly over the ranks, or the run is refused before any work."""
+    for name in ("batch_size", "eval_batch_size"):
+        value = getattr(cfg, name)
+        if value % dist.world_size:
+            fits = value + dist.world_size - value % dist.world_size
+            raise SpecError(
+                f"--{name.replace('_', '-')} {value} is a global batch and must divide evenly over the "
+                f"{dist.world_size} processes of this torchrun job; e.g. --{name.replace('_', '-')} {fits}"
+            )
+
+
+def _abort_group() -> None:
+    """Tear the process group down without waiting for peers (they may be stuck in a collective)."""
+    try:
+        from torch.distributed.distributed_c10d import _abort_process_group
+
+        _abort_process_group()
+    except Exception:  # noqa: BLE001 - an older torch, or a group already gone: exiting is enough
+        pass
+
+
 def train(config: TrainConfig | dict[str, Any], dist: Dist | None = None) -> RunResult:
-    """Run ``config`` to the end; bad input raises SpecError before anything is written."""
+    """Run ``config`` to the end; bad input raises SpecError before anything is written.
+
+    Under torchrun, a rank whose run breaks records the failure, aborts the process
+    group and raises :class:`RunFailed`, so its exit ends the job at once instead
+    of leaving the other ranks blocked in a collective until the timeout.
+    """
     cfg = config if isinstance(config, TrainConfig) else config_from_dict(config)
     dist = dist or Dist.from_env()
     check_config(cfg)
+    check_world_size(cfg, dist)
     device = resolve_device(cfg.device)
     if device.type == "cuda" and dist.world_size > 1:
         device = torch.device("cuda", dist.local_rank)  # one GPU per process
@@ -457,6 +578,9 @@ def train(config: TrainConfig | dict[str, Any], dist: Dist | None = None) -> Run
     created_group = dist.init(device)
     try:
         return _train(cfg, dist, device)
+    except RunFailed:
+        created_group = False  # aborted already
+        raise
     finally:
         if created_group:
             torch.distributed.destroy_process_group()
@@ -466,12 +590,15 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device) -> RunResult:
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     if cfg.out is None:
         cfg = config_from_dict({"out": str(out)}, cfg)
-    state = _prepare_out(cfg, out)
+    resume = _prepare_out(cfg, out)
+    if resume.finished is not None:
+        log.info("%s: the run has finished (%s); nothing to do", out, resume.finished.get("status"))
+        return RunResult(out=out, status=str(resume.finished.get("status")), summary=resume.finished)
     _check_writable(out)
     trainer = Trainer(cfg, out, device, dist)  # loads data, builds the model: may still raise SpecError
-    if state is not None:
+    if resume.state is not None:
         try:
-            trainer.load_state_dict(state)
+            trainer.load_state_dict(resume.state)
         except (KeyError, RuntimeError, ValueError) as exc:
             raise SpecError(f"--resume: checkpoint in {str(out)!r} does not fit this config ({type(exc).__name__})") from None
 
@@ -483,18 +610,22 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device) -> RunResult:
         # Metrics past the checkpoint belong to an epoch that is about to be redone.
         rows = [r for r in read_jsonl(out / METRICS_FILE) if r.get("epoch", 0) <= trainer.epoch]
         rewrite_jsonl(out / METRICS_FILE, rows)
+        rewrite_jsonl(out / STEPS_FILE, [r for r in read_jsonl(out / STEPS_FILE) if r.get("step", 0) <= trainer.step])
     else:
         rows = []
     progress = _Progress(cfg.progress, trainer.steps_per_epoch * (cfg.epochs - trainer.epoch), dist.is_main)
     status, diverged_at, error = "completed", None, None
     started = time.perf_counter()
-    train_seconds, train_images = 0.0, 0.0
+    wall_before = trainer.wall_time_s  # earlier sessions of this run, up to its checkpoint
     try:
         while trainer.epoch < cfg.epochs:
             progress.start_epoch(trainer.epoch + 1, cfg.epochs)
             lr = trainer.optimizer.param_groups[0]["lr"]
             stats = trainer.train_epoch(progress)
             diverged_at = stats.pop("diverged_at_step")
+            step_rows = stats.pop("steps")
+            if dist.is_main and step_rows:
+                append_jsonl(out / STEPS_FILE, *step_rows)
             if diverged_at is not None:
                 status = "diverged"
                 log.warning("loss is not finite at step %d (epoch %d): run diverged", diverged_at, trainer.epoch + 1)
@@ -503,8 +634,9 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device) -> RunResult:
             row = {"epoch": trainer.epoch, **{k: stats[k] for k in ("train_loss", "train_acc")},
                    **trainer.evaluate(), "lr": lr, "epoch_time_s": stats["epoch_time_s"],
                    "images_per_s": stats["images_per_s"]}
-            train_seconds += stats["epoch_time_s"]
-            train_images += stats["images_per_s"] * stats["epoch_time_s"]
+            trainer.train_seconds += stats["epoch_time_s"]
+            trainer.train_images += stats["images_per_s"] * stats["epoch_time_s"]
+            trainer.wall_time_s = wall_before + time.perf_counter() - started
             rng_states = trainer.gather_rng_states()  # a collective: every rank takes part
             if dist.is_main:
                 atomic_torch_save(out / CHECKPOINT_FILE, trainer.state_dict(rng_states))
@@ -515,32 +647,50 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device) -> RunResult:
         raise
     except Exception as exc:  # noqa: BLE001 - a run that breaks is recorded, not a traceback
         status, error = "failed", f"{type(exc).__name__}: {exc}"
-        log.error("run failed: %s", error)
+        log.error("run failed%s: %s", f" on rank {dist.rank}" if dist.world_size > 1 else "", error)
     finally:
         progress.close()
-    summary = {
+    summary = _summary(cfg, trainer, rows, status, wall_before + time.perf_counter() - started, record, device)
+    if diverged_at is not None:
+        summary["diverged_at_step"] = diverged_at
+    if error is not None:
+        summary["error"] = error
+    if status == "failed" and dist.world_size > 1:
+        # The other ranks may be blocked in a collective this rank will never join, and
+        # rank 0 may be one of them: the failing rank records the failure itself.
+        summary["failed_rank"] = dist.rank
+        atomic_write_json(out / SUMMARY_FILE, summary)
+        _abort_group()
+        raise RunFailed(f"rank {dist.rank}: {error}")
+    if dist.is_main:
+        atomic_write_json(out / SUMMARY_FILE, summary)
+    return RunResult(out=out, status=status, summary=summary)
+
+
+def _summary(cfg: TrainConfig, trainer: Trainer, rows: list[dict[str, Any]], status: str, wall_time_s: float,
+             record: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The run's record.  ``best_eval_acc`` exists only for a validation split: the best
+    epoch on the test split is a choice made by looking at the test set."""
+    validation = trainer.data.eval_split == "val"
+    return {
         "status": status,
         "epochs_completed": trainer.epoch,
         "epochs": cfg.epochs,
         "final_eval_acc": rows[-1]["eval_acc"] if rows else None,
-        "best_eval_acc": max((r["eval_acc"] for r in rows), default=None),
+        "best_eval_acc": max((r["eval_acc"] for r in rows), default=None) if validation else None,
+        "best_epoch": (max(rows, key=lambda r: r["eval_acc"])["epoch"] if rows else None) if validation else None,
         "final_train_loss": rows[-1]["train_loss"] if rows else None,
         "eval_split": trainer.data.eval_split,
-        "wall_time_s": time.perf_counter() - started,
-        "train_images_per_s": train_images / train_seconds if train_seconds > 0 else None,
+        "num_train": trainer.data.num_train,
+        "num_eval": trainer.data.num_eval,
+        "wall_time_s": wall_time_s,
+        "train_images_per_s": trainer.train_images / trainer.train_seconds if trainer.train_seconds > 0 else None,
         "first_step_loss": trainer.first_step_loss,
         "num_params": trainer.num_params,
         **record,
         "device": str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})",
         "versions": versions(),
     }
-    if diverged_at is not None:
-        summary["diverged_at_step"] = diverged_at
-    if error is not None:
-        summary["error"] = error
-    if dist.is_main:
-        atomic_write_json(out / SUMMARY_FILE, summary)
-    return RunResult(out=out, status=status, summary=summary)
 
 
 def config_fields() -> list[str]:
