@@ -12,7 +12,8 @@ import pytest
 
 from reslab.cli import main
 from reslab.errors import SpecError
-from reslab.studies import STUDIES
+from reslab.studies import shipped_studies
+from reslab import sweep as sweep_module
 from reslab.sweep import expand, run_id, sweep
 
 TINY = {"dataset": "synthetic:train=128,test=32,size=8,channels=1,classes=4", "model": "simple_cnn", "norm": "gn",
@@ -145,7 +146,7 @@ def test_sweep_study_report_bad_input(capsys, tmp_path, argv, fragment):
 
 
 def test_every_study_is_documented_and_valid(tmp_path):
-    for name, study in STUDIES.items():
+    for name, study in shipped_studies().items():
         assert study.claim and study.cost, name
         runs = expand({**study.base, "progress": "none"}, study.grid, study.seeds, tmp_path / name)
         assert len(runs) == len(study.seeds) * len(list(__import__("itertools").product(*study.grid.values())))
@@ -170,10 +171,268 @@ def test_inits_study_tells_the_seeds_story(capsys, tmp_path):
     assert "27 runs" in stdout and "report.html" in stdout
     rows = {r["init"]: r for r in csv.DictReader((out / "report.csv").open())}
     acc = {init: float(r["eval_acc_mean"]) for init, r in rows.items()}
-    assert list(rows) == STUDIES["inits"].grid["init"]  # the study's order, not alphabetical
+    assert list(rows) == shipped_studies()["inits"].grid["init"]  # the study's order, not alphabetical
     assert all(r["n"] == "3" and r["completed"] == "3" for r in rows.values())
     assert acc["zeros"] <= 0.12 and acc["ones"] <= 0.3  # near chance (10 classes)
     assert acc["uniform:a=0,b=1"] <= 0.4
     scaled = ("rule_uniform", "rule_normal", "xavier_normal", "kaiming_normal", "default")
     assert min(acc[s] for s in scaled) >= 0.85
     assert min(acc[s] for s in scaled) > acc["uniform:a=-0.5,b=0.5"] > acc["uniform:a=0,b=1"]
+
+
+# --- reusing run directories only when they hold the run asked for -------------------------------
+
+ONE_EPOCH = {"dataset": "synthetic:train=128,test=64,size=8,channels=1,classes=4", "model": "mlp",
+             "batch_size": 32, "lr": 0.05, "progress": "none", "epochs": 1}
+ONE_EPOCH_FLAGS = ["--dataset", ONE_EPOCH["dataset"], "--model", "simple_cnn", "--batch-size", "32",
+                   "--progress", "none", "--seeds", "0"]
+
+
+def snapshot(root):
+    """Every file below ``root``: its bytes and its mtime."""
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def summary_of(run_dir):
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_study_rerun_with_other_settings_is_refused_until_restart(capsys, tmp_path):
+    out = tmp_path / "norms"
+    study = ["study", "norms", *ONE_EPOCH_FLAGS, "--norm", "bn,gn", "--out", str(out)]
+    code, stdout, err = cli(capsys, *study, "--epochs", "1")
+    assert code == 0, err
+    names = ["norm=bn-seed=0", "norm=gn-seed=0"]
+    assert all(summary_of(out / n)["epochs_completed"] == 1 for n in names)
+    before = snapshot(out)
+
+    code, stdout, err = cli(capsys, *study, "--epochs", "2")
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("reslab: error:"), err
+    assert "norm=bn-seed=0" in lines[0] and "--epochs 1 -> 2" in lines[0] and "1 other run" in lines[0]
+    assert "--restart" in lines[0]
+    assert snapshot(out) == before  # nothing written, nothing deleted, not even sweep.yaml or the report
+
+    code, stdout, err = cli(capsys, *study, "--epochs", "2", "--restart")
+    assert code == 0, err
+    assert "0 already finished" in stdout
+    for name in names:
+        summary = summary_of(out / name)
+        assert (summary["status"], summary["epochs"], summary["epochs_completed"]) == ("completed", 2, 2)
+        assert epochs_of(out / name) == [1, 2]
+
+    restarted = snapshot(out)
+    code, stdout, err = cli(capsys, *study, "--epochs", "2")  # the same settings: nothing reruns
+    assert code == 0, err
+    assert "2 already finished" in stdout
+    now = snapshot(out)
+    assert {p: v for p, v in now.items() if p.parent != out} == {p: v for p, v in restarted.items() if p.parent != out}
+
+
+def test_partial_run_with_other_settings_is_refused_and_restart_keeps_matching_runs(tmp_path):
+    out = tmp_path / "s"
+    grid = {"lr": [0.05, 0.1]}
+    sweep(ONE_EPOCH, grid, seeds=[0], out=out, write_report=False)
+    partial, finished = out / "lr=0.05-seed=0", out / "lr=0.1-seed=0"
+    (partial / "summary.json").unlink()  # config.yaml and checkpoint.pt, no summary: a run cut short
+    assert (partial / "checkpoint.pt").is_file() and (partial / "config.yaml").is_file()
+    before = snapshot(out)
+    with pytest.raises(SpecError) as caught:  # a resume would quietly train it on to 2 epochs
+        sweep({**ONE_EPOCH, "epochs": 2}, grid, seeds=[0], out=out, write_report=False)
+    message = str(caught.value)
+    assert "\n" not in message and "'lr=0.05-seed=0'" in message and "--epochs 1 -> 2" in message
+    assert "1 other run" in message
+    assert snapshot(out) == before
+
+    # Only the partial run differs now (it was made with another momentum): --restart reruns it alone.
+    import yaml
+
+    saved = yaml.safe_load((partial / "config.yaml").read_text())
+    (partial / "config.yaml").write_text(yaml.safe_dump({**saved, "momentum": 0.5}))
+    before = snapshot(out)
+    with pytest.raises(SpecError, match=r"'lr=0.05-seed=0'.*--momentum 0.5 -> 0.9"):
+        sweep(ONE_EPOCH, grid, seeds=[0], out=out, write_report=False)
+    assert snapshot(out) == before
+    result = sweep(ONE_EPOCH, grid, seeds=[0], out=out, write_report=False, restart=True)
+    assert result.restarted == ["lr=0.05-seed=0"] and result.skipped == ["lr=0.1-seed=0"]
+    assert yaml.safe_load((partial / "config.yaml").read_text())["momentum"] == 0.9
+    assert summary_of(partial)["status"] == "completed"
+    assert {p: v for p, v in snapshot(out).items() if p.parent == finished} == \
+        {p: v for p, v in before.items() if p.parent == finished}  # the matching run is untouched
+
+
+def test_restart_deletes_nothing_when_anything_else_is_bad(tmp_path):
+    out = tmp_path / "s"
+    sweep(ONE_EPOCH, {"lr": [0.05]}, seeds=[0], out=out, write_report=False)
+    before = snapshot(out)
+    with pytest.raises(SpecError, match="gn:5"):  # lr=0.05 differs (norm), but the grid is bad
+        sweep({**ONE_EPOCH, "model": "simple_cnn"}, {"lr": [0.05], "norm": ["bn", "gn:5"]}, seeds=[0], out=out,
+              restart=True)
+    with pytest.raises(SpecError, match="launcher-option"):
+        sweep({**ONE_EPOCH, "epochs": 2}, {"lr": [0.05]}, seeds=[0], out=out, restart=True,
+              launcher_options={"slurm_partition": "gpu"})
+    assert snapshot(out) == before
+
+
+def test_unreadable_or_foreign_run_directory_counts_as_differing(tmp_path):
+    out = tmp_path / "s"
+    (out / "lr=0.05-seed=0").mkdir(parents=True)
+    (out / "lr=0.05-seed=0" / "config.yaml").write_text("model: [unclosed\n")
+    (out / "lr=0.1-seed=0").mkdir()
+    (out / "lr=0.1-seed=0" / "notes.txt").write_text("not a run")
+    (out / "old-run").mkdir()  # not in the grid: not part of this sweep, left alone
+    (out / "old-run" / "config.yaml").write_text("model: resnet50\n")
+    with pytest.raises(SpecError, match=r"'lr=0.05-seed=0'.*unreadable config.yaml.*1 other run"):
+        sweep(ONE_EPOCH, {"lr": [0.05, 0.1]}, seeds=[0], out=out)
+    result = sweep(ONE_EPOCH, {"lr": [0.05, 0.1]}, seeds=[0], out=out, write_report=False, restart=True)
+    assert sorted(result.restarted) == ["lr=0.05-seed=0", "lr=0.1-seed=0"]
+    assert set(result.statuses.values()) == {"completed"}
+    assert not (out / "lr=0.1-seed=0" / "notes.txt").exists()
+    assert (out / "old-run" / "config.yaml").read_text() == "model: resnet50\n"
+
+
+def test_policy_mapping_in_the_grid_runs_with_readable_ids_and_is_reused(tmp_path):
+    out = tmp_path / "s"
+    policy = {"conv": "kaiming_normal:mode=fan_out", "linear": "normal:std=0.01"}
+    grid = {"init": ["kaiming_normal", policy]}
+    result = sweep(ONE_EPOCH, grid, seeds=[0], out=out, write_report=False)
+    ids = [run.run_id for run in result.runs]
+    assert ids == ["init=kaiming_normal-seed=0", "init=conv_kaiming_normal_mode=fan_out+linear_normal_std=0.01-seed=0"]
+    assert set(result.statuses.values()) == {"completed"}
+    import yaml
+
+    assert yaml.safe_load((out / ids[1] / "config.yaml").read_text())["init"] == policy
+    before = snapshot(out)
+    again = sweep(ONE_EPOCH, grid, seeds=[0], out=out, write_report=False)
+    assert again.skipped == ids
+    assert {p: v for p, v in snapshot(out).items() if p.parent != out} == \
+        {p: v for p, v in before.items() if p.parent != out}
+
+
+def test_sweep_config_file_with_a_policy_mapping_and_lists(capsys, tmp_path):
+    import yaml
+
+    policy = {"conv": "kaiming_normal:mode=fan_out", "linear": "normal:std=0.01"}
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": "simple_cnn", "dataset": ONE_EPOCH["dataset"], "batch_size": 32, "epochs": 1, "lr": 0.05,
+        "progress": "none", "init": policy, "norm": ["bn", "gn"],
+    }))
+    out = tmp_path / "s"
+    code, stdout, err = cli(capsys, "sweep", "--config", str(config), "--out", str(out))
+    assert code == 0, err
+    plan = yaml.safe_load((out / "sweep.yaml").read_text())
+    assert plan["base"]["init"] == policy and plan["base"]["epochs"] == 1 and plan["grid"] == {"norm": ["bn", "gn"]}
+    assert plan["runs"] == ["norm=bn-seed=0", "norm=gn-seed=0"]
+    for name in plan["runs"]:
+        saved = yaml.safe_load((out / name / "config.yaml").read_text())
+        assert saved["init"] == policy and saved["epochs"] == 1 and saved["lr"] == 0.05
+
+
+# --- a run that breaks while it is being built ---------------------------------------------------
+
+
+def test_out_of_memory_while_building_a_run_fails_that_run_only(capsys, tmp_path, monkeypatch):
+    import torch
+
+    import reslab.train
+
+    original = reslab.train.Trainer.__init__
+
+    def build(self, cfg, *args, **kwargs):
+        if cfg.norm == "gn":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        original(self, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(reslab.train.Trainer, "__init__", build)
+    out = tmp_path / "s"
+    argv = ["sweep", *ONE_EPOCH_FLAGS, "--epochs", "1", "--norm", "gn,bn", "--out", str(out)]
+    code, stdout, err = cli(capsys, *argv)
+    assert code == 1, err  # a run failed; the sweep went on
+    failed, done = summary_of(out / "norm=gn-seed=0"), summary_of(out / "norm=bn-seed=0")
+    assert failed["status"] == "failed" and failed["error"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert (failed["epochs_completed"], failed["epochs"], failed["final_eval_acc"]) == (0, 1, None)
+    assert done["status"] == "completed"
+    assert "1 completed, 1 failed" in stdout and (out / "report.md").is_file()
+    assert f"run {out / 'norm=gn-seed=0'} failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n" \
+        in err and "Traceback" not in err
+    report_md = (out / "report.md").read_text()
+    assert "| gn | 1 | 0 | 0 |" in report_md and "1 run failed" in report_md  # listed, out of the means
+
+    monkeypatch.setattr(reslab.train.Trainer, "__init__", original)  # the memory is back: rerun retries it
+    code, stdout, err = cli(capsys, *argv)
+    assert code == 0, err
+    assert summary_of(out / "norm=gn-seed=0")["status"] == "completed" and "1 already finished" in stdout
+
+
+# --- worker processes -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def reslab_logger():
+    """Put the ``reslab`` logger back as it was after a test that configures it."""
+    import logging
+
+    logger = logging.getLogger("reslab")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    root = (list(logging.getLogger().handlers), logging.getLogger().level)
+    yield logger
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
+    assert (list(logging.getLogger().handlers), logging.getLogger().level) == root  # the root logger untouched
+
+
+def test_workers_bind_their_own_gpu_and_keep_an_explicit_one(monkeypatch, reslab_logger):
+    import queue
+
+    import torch
+
+    bound, ran = [], []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: bound.append(str(device)))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(sweep_module, "_WORKER_DEVICE", None)
+    monkeypatch.setattr(sweep_module, "_execute", lambda cfg_dict: ran.append(cfg_dict["device"]) or ("x", "ok"))
+
+    devices = queue.Queue()
+    devices.put("cuda:1")
+    sweep_module._init_worker(devices, 1)
+    assert bound == ["cuda:1"] and sweep_module._WORKER_DEVICE == "cuda:1"  # bound once the worker starts
+
+    for requested, used in [("auto", "cuda:1"), ("cuda", "cuda:1"), ("cuda:0", "cuda:0"), ("auto", "cuda:1")]:
+        bound.clear()
+        sweep_module._execute_in_worker({"device": requested})
+        assert ran[-1] == used and bound == [used], requested
+    bound.clear()
+    sweep_module._execute_in_worker({"device": "cpu"})
+    assert ran[-1] == "cpu" and bound == []
+
+    monkeypatch.setattr(sweep_module, "_WORKER_DEVICE", None)
+    sweep_module._init_worker(None, 1)  # one GPU or none: every run on its config's device, nothing bound
+    sweep_module._execute_in_worker({"device": "auto"})
+    assert ran[-1] == "auto" and bound == []
+
+    # What run_local puts in the queue: round-robin over several GPUs, nothing for one or none.
+    assert sweep_module.worker_devices(3, 2) == ["cuda:0", "cuda:1", "cuda:0"]
+    assert sweep_module.worker_devices(2, 1) is None and sweep_module.worker_devices(2, 0) is None
+
+
+def test_workers_configure_only_the_reslab_logger(reslab_logger, monkeypatch):
+    import logging
+
+    import torch
+
+    monkeypatch.setattr(sweep_module, "_WORKER_DEVICE", None)
+
+    def ours():
+        return [h for h in reslab_logger.handlers if isinstance(h, logging.StreamHandler)
+                and h.formatter is not None and h.formatter._fmt == "%(message)s" and h not in handlers_before]
+
+    handlers_before = list(reslab_logger.handlers)
+    sweep_module._execute_chunk([])  # a submitit job: the reslab logger, not the root logger (checked by the fixture)
+    assert len(ours()) == 1 and reslab_logger.propagate is False and reslab_logger.level == logging.INFO
+    sweep_module._init_worker(None, torch.get_num_threads())  # a local worker, in the same process: no second handler
+    sweep_module.configure_worker_logging()
+    assert len(ours()) == 1 and reslab_logger.propagate is False

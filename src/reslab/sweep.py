@@ -2,24 +2,37 @@
 
 - Every grid point is checked before anything runs, so a bad value anywhere in
   the grid is bad input (exit 2) with nothing written.
-- Finished runs (a ``summary.json`` with status completed or diverged) are
-  skipped and partial ones resumed from their checkpoint, so rerunning a sweep
-  after a crash completes each run exactly once and rerunning a finished sweep
-  is a quick no-op.
+- A run directory already there is reused only if the ``config.yaml`` saved in
+  it asks for the same run as the grid does now (fields that only say where or
+  how a run executes, :data:`reslab.config.EXECUTION_FIELDS`, may differ).  If
+  any run was made with other settings the sweep stops before any work, naming
+  the run and the fields; ``restart=True`` (``--restart``) deletes exactly the
+  runs whose settings differ and runs them again, keeping those that match.
+- Reused runs that have finished (a ``summary.json`` with status completed or
+  diverged) are skipped and partial ones resumed from their checkpoint, so
+  rerunning a sweep after a crash completes each run exactly once and rerunning
+  a finished sweep is a quick no-op.
 - Runs execute in this process (``jobs=1``) or in ``jobs`` long-lived worker
-  processes (one per GPU where there are several), never one fresh Python per
-  run.  A diverged or failed run does not stop the sweep.
+  processes (one per GPU where there are several, each bound to its own
+  device), never one fresh Python per run.  A diverged or failed run does not
+  stop the sweep, and neither does an exception (e.g. CUDA out of memory) while
+  a run is being built: it is recorded as that run's failure.
+- Run directories below ``out`` whose ids are not in the grid are not part of
+  the sweep: they are left alone.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import hashlib
 import itertools
 import logging
 import multiprocessing
 import os
 import re
+import shutil
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +41,10 @@ from typing import Any
 import torch
 import yaml
 
-from .config import TrainConfig, config_from_dict
+from .config import TrainConfig, config_from_dict, describe_differences, differing_fields
 from .errors import SpecError
-from .fileio import atomic_write_text
-from .train import SUMMARY_FILE, preflight
+from .fileio import atomic_write_json, atomic_write_text
+from .train import CONFIG_FILE, SUMMARY_FILE, check_config, preflight
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +64,7 @@ class SweepResult:
     runs: list[Run]
     statuses: dict[str, str] = field(default_factory=dict)  # run id -> status
     skipped: list[str] = field(default_factory=list)  # run ids already finished before this sweep
+    restarted: list[str] = field(default_factory=list)  # run ids deleted and run again (restart=True)
 
     @property
     def failed(self) -> list[str]:
@@ -58,13 +72,21 @@ class SweepResult:
 
 
 def _slug_value(value: Any) -> str:
+    if isinstance(value, Mapping):  # an init policy: conv_kaiming_normal_mode=fan_out+linear_normal_std=0.01
+        return "+".join(f"{_slug_value(k)}_{_slug_value(v)}" for k, v in value.items())
+    if isinstance(value, bool):
+        return str(value).lower()
     text = str(value)
     text = text.replace(":", "_").replace(",", "_").replace("/", "_")
     return re.sub(r"[^A-Za-z0-9._=+\-]", "", text)
 
 
 def run_id(point: Mapping[str, Any], seed: int) -> str:
-    """A readable slug of the varied fields: ``init=kaiming_normal_mode=fan_out-seed=0``."""
+    """A readable slug of the varied fields: ``init=kaiming_normal_mode=fan_out-seed=0``.
+
+    A policy mapping reads as its entries joined by ``+``:
+    ``init=conv_kaiming_normal_mode=fan_out+linear_normal_std=0.01-seed=0``.
+    """
     parts = [f"{name}={_slug_value(value)}" for name, value in point.items()]
     return "-".join([*parts, f"seed={seed}"])
 
@@ -73,6 +95,15 @@ def expand(
     base: Mapping[str, Any], grid: Mapping[str, Sequence[Any]], seeds: Sequence[int], out: str | Path
 ) -> list[Run]:
     """Every combination of the grid's values (in the order given) times every seed, all checked."""
+    runs = _grid_runs(base, grid, seeds, out)
+    preflight([run.config for run in runs])
+    return runs
+
+
+def _grid_runs(
+    base: Mapping[str, Any], grid: Mapping[str, Sequence[Any]], seeds: Sequence[int], out: str | Path
+) -> list[Run]:
+    """:func:`expand` without the preflight: every value typed and its specs checked, no data loaded."""
     out = Path(out)
     if not seeds:
         raise SpecError("--seeds needs at least one seed")
@@ -92,7 +123,8 @@ def expand(
             seen[rid] = point
             cfg = config_from_dict({**point, "seed": seed, "out": str(out / rid)}, base_config)
             runs.append(Run(rid, cfg))
-    preflight([run.config for run in runs])
+    for run in runs:  # a bad spec anywhere is reported before any dataset is loaded (or downloaded)
+        check_config(run.config)
     return runs
 
 
@@ -109,6 +141,60 @@ def run_status(run_dir: Path) -> str | None:
         return None
 
 
+def _saved_config_difference(run: Run) -> str | None:
+    """Why the directory of ``run`` holds another run than the one asked for; None if it may be reused.
+
+    Reusable: no directory, an empty one, or a ``config.yaml`` that differs from
+    the requested config in execution fields at most.
+    """
+    out = Path(run.config.out)
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        return "is a file, not a run directory"
+    saved_file = out / CONFIG_FILE
+    if not saved_file.is_file():
+        return None if not any(out.iterdir()) else f"holds files but no {CONFIG_FILE}"
+    try:
+        data = yaml.safe_load(saved_file.read_text())
+        if not isinstance(data, dict):
+            raise SpecError("not a mapping")
+        saved = config_from_dict(data)
+    except (OSError, yaml.YAMLError, SpecError) as exc:
+        reason = str(exc).splitlines()[0] if isinstance(exc, SpecError) else type(exc).__name__
+        return f"has an unreadable {CONFIG_FILE} ({reason})"
+    names = differing_fields(saved, run.config)
+    return f"was trained with other settings ({describe_differences(saved, run.config, names)})" if names else None
+
+
+def stale_runs(runs: Sequence[Run]) -> list[tuple[Run, str]]:
+    """The runs whose directories hold another run than the one asked for, each with the reason."""
+    stale = []
+    for run in runs:
+        reason = _saved_config_difference(run)
+        if reason is not None:
+            stale.append((run, reason))
+    return stale
+
+
+def _stale_error(out: Path, stale: list[tuple[Run, str]]) -> SpecError:
+    run, reason = stale[0]
+    others = len(stale) - 1
+    more = f", and {others} other run{'s' if others != 1 else ''} in it differ{'s' if others == 1 else ''} too" \
+        if others else ""
+    return SpecError(
+        f"run {run.run_id!r} in {str(out)!r} {reason}{more}; pass --restart to delete and rerun the runs whose "
+        f"settings differ (runs that match are kept), or choose another --out"
+    )
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _prepared(run: Run) -> TrainConfig:
     """Resume a run that has started (any file in its directory), start a fresh one otherwise."""
     out = Path(run.config.out)
@@ -120,12 +206,44 @@ def _execute(cfg_dict: dict[str, Any]) -> tuple[str, str]:
     from .train import train
 
     cfg = config_from_dict(cfg_dict)
+    error = None
     try:
-        result = train(cfg)
+        return cfg.out, train(cfg).status
     except SpecError as exc:  # e.g. a dataset that went missing mid-sweep
         log.error("run %s: %s", cfg.out, exc)
         return cfg.out, "failed"
-    return cfg.out, result.status
+    except Exception as exc:  # noqa: BLE001 - e.g. out of memory while building the run: it fails, the sweep goes on
+        error = f"{type(exc).__name__}: {exc}"
+    # Outside the handler, so the exception and the tensors its traceback holds are gone.
+    _release_memory()
+    log.error("run %s failed: %s", cfg.out, error.splitlines()[0])
+    _record_failure(cfg, error)
+    return cfg.out, "failed"
+
+
+def _release_memory() -> None:
+    """Hand what a broken run left behind back, so the next run starts clean."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _record_failure(cfg: TrainConfig, error: str) -> None:
+    """A failed run's record for a run that broke before its loop could write one.
+
+    The ``config.yaml`` (written only if absent) lets the report list the run and
+    the next sweep check it against the grid and retry it in place.
+    """
+    out = Path(cfg.out)
+    summary = {"status": "failed", "epochs_completed": 0, "epochs": cfg.epochs, "final_eval_acc": None,
+               "error": error}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / CONFIG_FILE).is_file():
+            atomic_write_text(out / CONFIG_FILE, cfg.to_yaml())
+        atomic_write_json(out / SUMMARY_FILE, summary)
+    except OSError as exc:
+        log.warning("run %s: could not record the failure (%s)", cfg.out, exc)
 
 
 # --- worker processes ---------------------------------------------------------------
@@ -133,17 +251,51 @@ def _execute(cfg_dict: dict[str, Any]) -> tuple[str, str]:
 _WORKER_DEVICE: str | None = None
 
 
-def _init_worker(devices: Any, threads: int) -> None:
-    """Give each worker one device from the shared queue and a fair share of CPU threads."""
+def configure_worker_logging(level: int = logging.INFO) -> None:
+    """Log reslab's messages to stderr in a worker process: only the ``reslab`` logger
+    (not the root logger, which belongs to whatever hosts the worker), one handler however
+    often this is called, and no propagation, so no line is printed twice."""
+    logger = logging.getLogger("reslab")
+    logger.setLevel(level)
+    if not any(getattr(h, "_reslab_worker", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._reslab_worker = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.propagate = False
+
+
+def worker_devices(jobs: int, gpus: int) -> list[str] | None:
+    """The device of each of ``jobs`` workers: round-robin over the GPUs where there are
+    several, None (every run on its config's device) otherwise."""
+    return [f"cuda:{i % gpus}" for i in range(jobs)] if gpus > 1 else None
+
+
+def _bind_device(device: str) -> None:
+    """Make ``device`` this process's current CUDA device, so whatever uses the current
+    device (cuDNN handles, NCCL, ``get_device_name()``, ``empty_cache``) uses this one."""
+    if device.startswith("cuda:") and int(device.partition(":")[2]) < torch.cuda.device_count():
+        torch.cuda.set_device(device)  # (an index past the last GPU is left to train() to report)
+
+
+def _init_worker(devices: Any, threads: int, level: int = logging.INFO) -> None:
+    """Give each worker one device from the shared queue, bound as its current device, and
+    a fair share of CPU threads."""
     global _WORKER_DEVICE
+    configure_worker_logging(level)
     torch.set_num_threads(threads)
     _WORKER_DEVICE = devices.get() if devices is not None else None
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if _WORKER_DEVICE is not None:
+        _bind_device(_WORKER_DEVICE)
 
 
 def _execute_in_worker(cfg_dict: dict[str, Any]) -> tuple[str, str]:
-    if _WORKER_DEVICE is not None and cfg_dict.get("device") in ("auto", "cuda"):
-        cfg_dict = {**cfg_dict, "device": _WORKER_DEVICE}
+    """Run one config on the worker's device; an explicit ``cuda:N`` (or ``cpu``) stays as given."""
+    if _WORKER_DEVICE is not None:
+        if cfg_dict.get("device") in ("auto", "cuda"):
+            cfg_dict = {**cfg_dict, "device": _WORKER_DEVICE}
+        # Bind for this run: the worker's device, or the config's own cuda:N.
+        _bind_device(str(cfg_dict.get("device")))
     return _execute(cfg_dict)
 
 
@@ -156,13 +308,15 @@ def run_local(configs: list[TrainConfig], jobs: int, on_done: Callable[[str, str
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     ctx = multiprocessing.get_context("spawn")  # CUDA and fork do not mix
     devices = None
-    if gpus > 1:
+    assigned = worker_devices(jobs, gpus)
+    if assigned is not None:
         devices = ctx.Manager().Queue()
-        for i in range(jobs):
-            devices.put(f"cuda:{i % gpus}")
+        for device in assigned:
+            devices.put(device)
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    level = logging.getLogger("reslab").getEffectiveLevel()
     with concurrent.futures.ProcessPoolExecutor(
-        max_workers=jobs, mp_context=ctx, initializer=_init_worker, initargs=(devices, threads)
+        max_workers=jobs, mp_context=ctx, initializer=_init_worker, initargs=(devices, threads, level)
     ) as pool:
         futures = [pool.submit(_execute_in_worker, cfg.to_dict()) for cfg in configs]
         for future in concurrent.futures.as_completed(futures):
@@ -171,7 +325,7 @@ def run_local(configs: list[TrainConfig], jobs: int, on_done: Callable[[str, str
 
 def _execute_chunk(cfg_dicts: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """One submitted job: several runs in one process, so start-up is paid once per job."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_worker_logging()
     return [_execute(cfg_dict) for cfg_dict in cfg_dicts]
 
 
@@ -180,13 +334,18 @@ def _execute_chunk(cfg_dicts: list[dict[str, Any]]) -> list[tuple[str, str]]:
 SUBMITIT_DEFAULTS = {"timeout_min": 24 * 60, "name": "reslab-sweep"}
 
 
-def run_submitit(configs: list[TrainConfig], jobs: int, on_done: Callable[[str, str], None],
-                 options: Mapping[str, Any] | None = None) -> None:
-    """Submit the runs as ``jobs`` jobs through submitit: Slurm where ``srun`` exists, local processes otherwise."""
+def _submitit():
     try:
         import submitit
     except ImportError:
         raise SpecError("--launcher submitit needs the submitit package: pip install 'reslab[slurm]'") from None
+    return submitit
+
+
+def run_submitit(configs: list[TrainConfig], jobs: int, on_done: Callable[[str, str], None],
+                 options: Mapping[str, Any] | None = None) -> None:
+    """Submit the runs as ``jobs`` jobs through submitit: Slurm where ``srun`` exists, local processes otherwise."""
+    submitit = _submitit()
     if not configs:
         return
     folder = Path(configs[0].out).parent / ".submitit"
@@ -221,17 +380,37 @@ def sweep(
     launcher: str = "local",
     launcher_options: Mapping[str, Any] | None = None,
     write_report: bool = True,
+    restart: bool = False,
 ) -> SweepResult:
-    """Run the grid ``base x grid x seeds`` into ``out``; see the module docstring."""
+    """Run the grid ``base x grid x seeds`` into ``out``; see the module docstring.
+
+    Everything is checked before any work: the grid, the launcher, and every run
+    directory already in ``out`` against the config now asked for.  A run made
+    with other settings is a SpecError unless ``restart``, which deletes exactly
+    those runs (and only once every check has passed) and runs them again; runs
+    whose settings match are reused as they are, restart or not.
+    """
     if jobs < 1:
         raise SpecError(f"--jobs must be at least 1, got {jobs}")
     if launcher not in LAUNCHERS:
         raise SpecError(f"unknown --launcher {launcher!r}; valid choices: {', '.join(LAUNCHERS)}")
+    if launcher == "local" and launcher_options:
+        raise SpecError("--launcher-option applies to --launcher submitit only")
+    if launcher == "submitit":
+        _submitit()
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SpecError(f"--out {str(out)!r} is a file, not a directory")
-    runs = expand(base, grid, seeds, out)
+    runs = _grid_runs(base, grid, seeds, out)
+    stale = stale_runs(runs)
+    if stale and not restart:  # before the preflight: refused at once, with no dataset loaded (or downloaded)
+        raise _stale_error(out, stale)
+    preflight([run.config for run in runs])
     result = SweepResult(out=out, runs=runs)
+    for run, reason in stale:  # every check has passed: only now is anything deleted
+        log.info("restarting %s: it %s", run.run_id, reason)
+        _remove(Path(run.config.out))
+        result.restarted.append(run.run_id)
     todo: list[TrainConfig] = []
     for run in runs:
         status = run_status(Path(run.config.out))
@@ -240,7 +419,8 @@ def sweep(
             result.skipped.append(run.run_id)
         else:
             todo.append(_prepared(run))
-    log.info("sweep %s: %d runs, %d finished already, %d to run", out, len(runs), len(result.skipped), len(todo))
+    log.info("sweep %s: %d runs, %d finished already, %d to run%s", out, len(runs), len(result.skipped), len(todo),
+             f" ({len(result.restarted)} restarted)" if result.restarted else "")
     out.mkdir(parents=True, exist_ok=True)
     plan = {"base": dict(base), "grid": {k: list(v) for k, v in grid.items()}, "seeds": list(seeds),
             "runs": [run.run_id for run in runs]}
@@ -252,8 +432,6 @@ def sweep(
         log.info("[%d/%d] %s: %s", len(result.statuses), len(runs), by_out[run_out], status)
 
     if launcher == "local":
-        if launcher_options:
-            raise SpecError("--launcher-option applies to --launcher submitit only")
         run_local(todo, jobs, on_done)
     else:
         LAUNCHERS[launcher](todo, jobs, on_done, launcher_options)
