@@ -22,11 +22,17 @@ def run(capsys, *argv):
     ("datasets", ["mnist5k", "digits", "synthetic", "cifar10"]),
 ])
 def test_list_shows_every_registry_entry(capsys, what, names):
-    code, out, _ = run(capsys, "list", what)
-    assert code == 0
+    from reslab.cli import _list_sources
+
+    code, out, err = run(capsys, "list", what)
+    assert code == 0 and err == ""
     listed = [line.split()[0] for line in out.splitlines()]
     for name in names:
         assert name in listed
+    entries = _list_sources()[what]()
+    assert listed == list(entries)  # every registered entry, once, in registry order
+    for line, (name, description) in zip(out.splitlines(), entries.items()):
+        assert line.split(None, 1)[1] == description, name
 
 
 def test_inspect_prints_params_macs_and_init_report(capsys):
@@ -46,8 +52,37 @@ def test_inspect_resnet18_matches_torchvision_macs(capsys):
 
 
 def test_inspect_model_options_and_input_size(capsys):
+    import torch
+    import torchvision
+    from torch import nn
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def torchvision_resnet18(cifar_stem, size):
+        """(parameters, MACs per image) of torchvision's resnet18 with 10 classes, counted by torch.
+
+        The CIFAR stem is the usual one (He et al. 2016, Sec. 4.2): a 3x3 stride-1 conv and no max-pool.
+        """
+        model = torchvision.models.resnet18(num_classes=10)
+        if cifar_stem:
+            model.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+            model.maxpool = nn.Identity()
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model.eval()(torch.zeros(1, 3, size, size))
+        return sum(p.numel() for p in model.parameters()), counter.get_total_flops() // 2  # 1 MAC = 2 FLOPs
+
+    def printed(out, field):
+        return int(next(line for line in out.splitlines() if line.startswith(field)).split()[1].replace(",", ""))
+
     code, out, _ = run(capsys, "inspect", "resnet18", "-o", "stem=cifar", "--input-size", "32")
     assert code == 0 and "3x32x32" in out
+    params, macs = torchvision_resnet18(cifar_stem=True, size=32)
+    assert (params, macs) == (11_173_962, 555_422_720)  # the ResNet-18 of CIFAR codebases: 11.17M, 0.56G
+    assert printed(out, "parameters") == params and printed(out, "MACs/image") == macs
+    # without the option the ImageNet stem (7x7 stride 2 + max-pool) shrinks the maps 4x: 1/16 of the MACs
+    code, out, _ = run(capsys, "inspect", "resnet18", "--input-size", "32")
+    params, macs = torchvision_resnet18(cifar_stem=False, size=32)
+    assert code == 0 and printed(out, "parameters") == params and printed(out, "MACs/image") == macs
+    assert macs < 555_422_720 / 10
 
 
 def test_config_file_and_print_config(capsys, tmp_path):
@@ -59,7 +94,7 @@ def test_config_file_and_print_config(capsys, tmp_path):
     assert printed["model"] == "mlp" and printed["init"] == "xavier_normal" and printed["input-size"] == 8
     # the command line wins over the file
     code, out, _ = run(capsys, "inspect", "--config", str(config), "--init", "zeros", "--print-config")
-    assert yaml.safe_load(out)["init"] == "zeros"
+    assert code == 0 and yaml.safe_load(out)["init"] == "zeros"
     code, out, _ = run(capsys, "inspect", "--config", str(config))
     assert code == 0 and "1x8x8" in out
 
@@ -113,3 +148,17 @@ def test_inspect_plot_writes_a_png(capsys, tmp_path):
     data = target.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert [p.name for p in tmp_path.iterdir()] == ["init.png"]  # no temp file left behind
+
+
+def test_inspect_shows_the_groups_each_gn_layer_got(capsys):
+    code, out, _ = run(capsys, "inspect", "cifar_resnet20", "--norm", "gn")
+    assert code == 0
+    section = out.split("norm layers")[1].split("\n\n")[0]
+    lines = [line.strip() for line in section.strip().splitlines()]
+    assert lines == [
+        "GroupNorm C=16: 1 group x 16 ch (x7 layers)",
+        "GroupNorm C=32: 2 groups x 16 ch (x6 layers)",
+        "GroupNorm C=64: 4 groups x 16 ch (x6 layers)",
+    ]
+    code, out, _ = run(capsys, "inspect", "cifar_resnet20", "--norm", "ln")
+    assert code == 0 and "LayerNorm2d C=16 (x7 layers)" in out and "GroupNorm" not in out

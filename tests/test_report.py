@@ -2,11 +2,14 @@
 
 import csv
 import json
+import logging
 import os
 import re
 import shutil
 import statistics
 import subprocess
+import sys
+import textwrap
 
 import matplotlib.image as mpimg
 import numpy as np
@@ -20,8 +23,12 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def make_run(root, name, *, status="completed", acc=None, loss=None, wall=10.0, epochs=3, eval_split="test",
-             summary=True, **config):
-    """A run directory as ``reslab train`` leaves it: config.yaml, metrics.jsonl, summary.json."""
+             summary=True, best=None, **config):
+    """A run directory as ``reslab train`` leaves it: config.yaml, metrics.jsonl, summary.json.
+
+    The summary records a best epoch's accuracy (``best``, default the highest eval_acc)
+    whatever the split, as older runs did for the test split too: the report must not show it there.
+    """
     run = root / name
     run.mkdir(parents=True)
     cfg = TrainConfig(**{"out": str(run), "epochs": epochs, **config})
@@ -36,7 +43,7 @@ def make_run(root, name, *, status="completed", acc=None, loss=None, wall=10.0, 
         (run / "summary.json").write_text(json.dumps({
             "status": status, "epochs_completed": done, "epochs": epochs,
             "final_eval_acc": rows[-1]["eval_acc"] if rows else None,
-            "best_eval_acc": max((r["eval_acc"] for r in rows), default=None),
+            "best_eval_acc": best if best is not None else max((r["eval_acc"] for r in rows), default=None),
             "final_train_loss": rows[-1]["train_loss"] if rows else None,
             "eval_split": eval_split, "wall_time_s": wall,
         }))
@@ -84,7 +91,7 @@ def test_csv_has_exact_means_stds_and_counts(init_sweep, caplog):
     assert (kaiming["n"], kaiming["completed"], kaiming["diverged"]) == ("3", "3", "0")  # unfinished run not counted
     assert float(kaiming["eval_acc_mean"]) == pytest.approx(statistics.fmean(acc), abs=1e-12)
     assert float(kaiming["eval_acc_std"]) == pytest.approx(statistics.stdev(acc), abs=1e-12)
-    assert float(kaiming["best_eval_acc_mean"]) == pytest.approx(statistics.fmean(acc), abs=1e-12)
+    assert kaiming["best_eval_acc_mean"] == ""  # test split: no best epoch (that would be selection on test)
     assert float(kaiming["train_loss_mean"]) == pytest.approx(statistics.fmean(loss), abs=1e-12)
     assert float(kaiming["train_loss_std"]) == pytest.approx(statistics.stdev(loss), abs=1e-12)
     assert float(kaiming["wall_time_s_mean"]) == pytest.approx(21.0)
@@ -103,6 +110,7 @@ def test_csv_has_exact_means_stds_and_counts(init_sweep, caplog):
                                               "eval_acc.png"}
     table = result.format_table()
     assert "97.15 ± 0.34" in table and "43.00 ± 4.24" in table and "test acc %" in table
+    assert "best" not in table
 
 
 def test_std_is_empty_with_one_completed_run_and_means_empty_with_none(tmp_path):
@@ -156,10 +164,9 @@ def test_markdown_table_and_eval_split(init_sweep, tmp_path):
     md = (init_sweep / "report.md").read_text()
     lines = md.splitlines()
     header = next(line for line in lines if line.startswith("| init"))
-    assert header == ("| init | n | completed | diverged | test acc (%) | best test acc (%) | final train loss "
-                      "| wall time (s) |")
-    assert "| kaiming_normal | 3 | 3 | 0 | 97.15 ± 0.34 | 97.15 | 0.1033 ± 0.0153 | 21.0 |" in lines
-    assert "| zeros | 3 | 2 | 1 | 43.00 ± 4.24 | 43.00 | 1.4500 ± 0.0707 | 12.0 |" in lines
+    assert header == "| init | n | completed | diverged | test acc (%) | final train loss | wall time (s) |"
+    assert "| kaiming_normal | 3 | 3 | 0 | 97.15 ± 0.34 | 0.1033 ± 0.0153 | 21.0 |" in lines
+    assert "| zeros | 3 | 2 | 1 | 43.00 ± 4.24 | 1.4500 ± 0.0707 | 12.0 |" in lines
     assert "**test** split" in md and "valid" not in md.lower()
     assert "sample standard deviation (ddof=1)" in md
     assert "1 unfinished run" in md
@@ -168,6 +175,60 @@ def test_markdown_table_and_eval_split(init_sweep, tmp_path):
     report(tmp_path / "val")
     md = (tmp_path / "val" / "report.md").read_text()
     assert "val acc (%)" in md and "validation" in md and "test acc" not in md
+
+
+def _headers(result, root):
+    """The column headers of the terminal table, report.md and report.html."""
+    table = result.format_table().splitlines()[0].split("  ")
+    md = next(line for line in (root / "report.md").read_text().splitlines() if line.startswith("| "))
+    page = (root / "report.html").read_text()
+    return ([c.strip() for c in table if c.strip()], [c.strip() for c in md.strip("|").split("|")],
+            re.findall(r'<th scope="col">(.*?)</th>', page.split("<thead>")[1].split("</thead>")[0]))
+
+
+def test_best_epoch_accuracy_only_for_a_validation_split(tmp_path):
+    # Each run's best epoch (0.95, 0.97) beats its final one (0.90, 0.92): on the test split
+    # that best number is selection on the test set and must appear nowhere.
+    for split in ("test", "val"):
+        for seed, (acc, best) in enumerate([(0.90, 0.95), (0.92, 0.97)]):
+            make_run(tmp_path / split, f"s{seed}", seed=seed, acc=acc, best=best, loss=0.5, eval_split=split,
+                     val_split=0.1 if split == "val" else 0.0)
+
+    test = report(tmp_path / "test")
+    assert test.groups[0]["best_eval_acc_mean"] is None
+    table, md_header, html_header = _headers(test, tmp_path / "test")
+    for headers in (table, md_header, html_header):
+        assert "test acc %" in headers or "test acc (%)" in headers
+        assert not [h for h in headers if "best" in h], headers
+    md = (tmp_path / "test" / "report.md").read_text()
+    page = (tmp_path / "test" / "report.html").read_text()
+    assert "95.00" not in md and "96.00" not in md and "96.00" not in page  # the best epochs' mean, 96%
+    assert "91.00 ± 1.41" in md  # the final epoch: mean 91%, std sqrt(2) points
+    for text in (md, page):
+        assert "selection on the test set" in text and "final-epoch number is the honest one" in text
+    row = read_csv(tmp_path / "test" / "report.csv")[0]
+    assert row["best_eval_acc_mean"] == "" and float(row["eval_acc_mean"]) == pytest.approx(0.91)
+
+    val = report(tmp_path / "val")
+    assert val.groups[0]["best_eval_acc_mean"] == pytest.approx(0.96)
+    table, md_header, html_header = _headers(val, tmp_path / "val")
+    assert "best val acc %" in table and "best val acc (%)" in md_header and "best val acc (%)" in html_header
+    assert not [h for h in md_header + html_header + table if "test" in h]
+    md = (tmp_path / "val" / "report.md").read_text()
+    assert "| 2 | 2 | 0 | 91.00 ± 1.41 | 96.00 |" in md
+    assert "best epoch on the validation split" in md and "**validation** split" in md
+    assert "best epoch on the validation split" in (tmp_path / "val" / "report.html").read_text()
+    assert "96.00" in val.format_table()
+    assert float(read_csv(tmp_path / "val" / "report.csv")[0]["best_eval_acc_mean"]) == pytest.approx(0.96)
+
+    # runs that mix the splits: some of them would be selecting on the test set
+    make_run(tmp_path / "mixed", "t", acc=0.9, best=0.95, loss=0.5, eval_split="test")
+    make_run(tmp_path / "mixed", "v", acc=0.9, best=0.95, loss=0.5, eval_split="val", val_split=0.1)
+    mixed = report(tmp_path / "mixed", group_by=[])
+    assert mixed.eval_split == "test, val" and mixed.groups[0]["best_eval_acc_mean"] is None
+    for headers in _headers(mixed, tmp_path / "mixed"):
+        assert not [h for h in headers if "best" in h], headers
+    assert read_csv(tmp_path / "mixed" / "report.csv")[0]["best_eval_acc_mean"] == ""
 
 
 def test_plots_are_pngs_of_sensible_size(init_sweep):
@@ -278,3 +339,78 @@ def test_unknown_group_by_lists_valid_fields(init_sweep):
     assert "'inti'" in text and "valid fields:" in text and "init" in text and "batch_size" in text
     assert "\n" not in text
     assert not (init_sweep / "report.csv").exists()  # bad input writes nothing
+
+
+def _python(script, *args, env=None):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *map(str, args)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+def test_plotting_leaves_the_matplotlib_backend_and_pyplot_alone(tmp_path):
+    # A process (a notebook, a GUI) that chose its own backend keeps it after reslab draws:
+    # svg stands in for any backend that is not Agg and needs no display.
+    done = _python("""
+        import sys
+        import matplotlib
+        from torch import nn
+        from reslab.diagnose import signal_propagation
+        from reslab.inits import init_weights
+        from reslab.plots import plot_init_report, plot_mean_bars, plot_mean_curves, plot_signal
+        out = sys.argv[1]
+        plot_mean_bars(["a", "b"], [50.0, None], [2.0, None], f"{out}/bars.png", title="t", xlabel="x",
+                       ylabel="y", ylim=(0.0, 100.0))
+        plot_mean_curves([{"label": "a", "x": [1, 2], "mean": [1.0, 0.5], "std": [0.1, float("nan")]}],
+                         f"{out}/curves.png", title="t", xlabel="x", ylabel="y")
+        plot_init_report(init_weights(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)), "kaiming_normal"),
+                         f"{out}/init.png")
+        plot_signal(signal_propagation("mlp", "none", "kaiming_normal", batch_size=4), f"{out}/signal.png",
+                    title="t")
+        print("pyplot imported" if "matplotlib.pyplot" in sys.modules else "no pyplot")
+        print("backend", matplotlib.get_backend())
+    """, tmp_path, env={"MPLBACKEND": "svg"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["no pyplot", "backend svg"]
+    for name in ("bars", "curves", "init", "signal"):
+        assert (tmp_path / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_cli_logging_configures_only_the_reslab_logger(init_sweep):
+    # Runs in a fresh interpreter: under pytest the root logger already has handlers,
+    # which hides what logging.basicConfig would do to a real process.
+    done = _python("""
+        import dataclasses, json, logging, os, sys
+        from reslab import cli
+
+        root = logging.getLogger()
+        before = (root.level, len(root.handlers))
+        during = []
+        original = cli.COMMANDS["report"]
+
+        def run(args):  # the command, plus a message from a third-party library and a reslab debug message
+            during.append(root.level)
+            logging.getLogger("matplotlib").info("third-party info")
+            logging.getLogger("reslab.probe").debug("reslab debug")
+            return original.run(args)
+
+        cli.COMMANDS["report"] = dataclasses.replace(original, run=run)
+        codes = [cli.main(["report", sys.argv[1]]), cli.main(["report", sys.argv[1]]),
+                 cli.main(["-v", "report", sys.argv[1]])]
+        os.environ["RANK"] = "1"  # a torchrun rank other than 0: warnings only
+        codes.append(cli.main(["report", sys.argv[1]]))
+        logging.getLogger("matplotlib").info("third-party info after")
+        print(json.dumps({"codes": codes, "before": before, "during": during,
+                          "after": (root.level, len(root.handlers)),
+                          "reslab_handlers": len(logging.getLogger("reslab").handlers)}))
+    """, init_sweep)
+    assert done.returncode == 0, done.stderr
+    state = json.loads(done.stdout.splitlines()[-1])
+    assert state["codes"] == [0, 0, 0, 0]
+    assert state["before"] == state["after"] == [logging.WARNING, 0]  # root logger: level and handlers as found
+    assert state["during"] == [logging.WARNING] * 4
+    assert state["reslab_handlers"] == 0  # nothing left behind, so nothing stacks
+    err = done.stderr
+    assert "third-party" not in err
+    # reslab's own INFO message, once per rank-0 call (a stacked handler would print it 1 + 2 + 3 times)
+    assert err.count("1 of 7 runs have not finished") == 3
+    assert err.count("reslab debug") == 1  # -v only
+    assert "1 of 7 runs have not finished (no summary.json) and are left out\n" in err  # "%(message)s" only

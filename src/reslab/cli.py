@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, NoReturn
 
 import yaml
@@ -124,6 +124,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     from .diagnose import count_macs, count_params, human_count
     from .inits import init_weights
     from .models import build_model, model_input
+    from .norms import describe_norm_layers
 
     options = parse_key_values(args.option, "model option")
     channels, size = model_input(args.model)
@@ -140,6 +141,9 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(f"input       {channels}x{size}x{size}, {args.num_classes} classes")
     print(f"parameters  {params:,} ({human_count(params)})")
     print(f"MACs/image  {macs:,} ({human_count(macs)})")
+    norm_lines = describe_norm_layers(model) or ["none"]
+    for i, line in enumerate(norm_lines):
+        print(f"{'norm layers' if i == 0 else '':<12}{line}")
     print()
     print(report.format_table())
     if args.plot:
@@ -188,9 +192,13 @@ def _resolve_train(args: argparse.Namespace) -> dict[str, Any]:
 
 @command("train", "train one model on one dataset into a run directory", add_config_flags, _resolve_train)
 def run_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .train import RunFailed, train
 
-    result = train(train_config_from_args(args))
+    try:
+        result = train(train_config_from_args(args))
+    except RunFailed as exc:  # under torchrun: this rank broke, recorded it and aborted the job
+        print(f"reslab: run failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     if os.environ.get("RANK", "0") != "0":
         return EXIT_FAILED if result.status == "failed" else EXIT_OK  # under torchrun only rank 0 prints
     s = result.summary
@@ -203,12 +211,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 # --- sweep, study, report --------------------------------------------------------------
 
-SWEEP_ONLY = ("seeds", "jobs", "launcher", "launcher_option", "out")
+SWEEP_ONLY = ("seeds", "jobs", "launcher", "launcher_option", "out", "restart")
 
 
 def _add_sweep_arguments(parser: argparse.ArgumentParser, *, study: bool = False) -> None:
     if study:
-        parser.add_argument("name", help="study name (see `reslab list studies`)")
+        parser.add_argument("name", help="a shipped study's name (see `reslab list studies`) or a study YAML file")
     add_config_flags(parser, as_lists=True)
     parser.add_argument("--seeds", default=argparse.SUPPRESS, metavar="S[,S...]",
                         help="seeds to repeat every grid point with" + ("; default: the study's" if study else "; default 0"))
@@ -220,16 +228,30 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser, *, study: bool = False
                         help="where runs execute: local (this machine) or submitit (Slurm, or local processes without it)")
     parser.add_argument("--launcher-option", action="append", default=[], metavar="KEY=VALUE",
                         help="submitit executor parameter, e.g. slurm_partition=gpu, gpus_per_node=1 (repeatable)")
+    parser.add_argument("--restart", action="store_true",
+                        help="delete and rerun the runs in --out that were made with other settings than these "
+                             "(runs whose settings match are kept and reused); without it such runs are an error")
 
 
-def _split_grid(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list[str]]]:
-    """Flags with one value go to the base config, comma lists become grid axes."""
+def _split_grid(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """Flags with one value go to the base config, comma lists become grid axes.
+
+    Values from ``--config FILE.yaml`` need not be strings: a YAML list is a grid
+    axis (its items taken as they are), a mapping (an init policy), a number, a
+    boolean or null one value.  A string that opens with ``{`` is one policy mapping.
+    """
     from .specs import split_nonempty_list
 
     base: dict[str, Any] = {}
-    grid: dict[str, list[str]] = {}
+    grid: dict[str, list[Any]] = {}
     for name, value in vars(args).items():
         if name in _GLOBAL_DESTS or name in SWEEP_ONLY or name == "name":
+            continue
+        if isinstance(value, (list, tuple)):
+            grid[name] = list(value)
+            continue
+        if not isinstance(value, str) or value.strip().startswith("{"):
+            base[name] = value
             continue
         values = split_nonempty_list(value, f"--{name.replace('_', '-')}")
         if len(values) == 1:
@@ -249,12 +271,20 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
+def _print_verdict(report_obj) -> None:
+    """A study's verdict and the numbers that decided it (nothing for a plain sweep)."""
+    if report_obj.verdict is not None:
+        print("\n".join(report_obj.verdict.format_lines()))
+        print()
+
+
 def _print_sweep_end(result, report_obj) -> int:
     counts: dict[str, int] = {}
     for status in result.statuses.values():
         counts[status] = counts.get(status, 0) + 1
     print(report_obj.format_table())
     print()
+    _print_verdict(report_obj)
     print(f"{len(result.runs)} runs ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}; "
           f"{len(result.skipped)} already finished) in {result.out}")
     print("report: " + ", ".join(str(p) for p in report_obj.files))
@@ -270,7 +300,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     out = getattr(args, "out", None) or "sweeps/sweep"
     result = sweep(base, grid, seeds=_seeds(getattr(args, "seeds", "0")), out=out, jobs=args.jobs,
                    launcher=args.launcher, launcher_options=parse_key_values(args.launcher_option, "launcher option"),
-                   write_report=False)
+                   write_report=False, restart=args.restart)
     return _print_sweep_end(result, report(result.out))
 
 
@@ -281,6 +311,8 @@ def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
 def _study_plan(args: argparse.Namespace):
     from .studies import get_study
 
+    if not getattr(args, "name", None):
+        raise UsageError("study: name a shipped study (reslab list studies) or a study YAML file")
     study = get_study(args.name)
     base, grid = _split_grid(args)
     plan_grid = {k: v for k, v in study.grid.items() if k not in base and k not in grid}
@@ -303,12 +335,18 @@ def run_study(args: argparse.Namespace) -> int:
     from .report import report
     from .sweep import sweep
 
+    from .studies import write_study
+
     study, base, grid, seeds, out = _study_plan(args)
     print(f"study {study.name}: {study.claim}")
     if study.notes:
         print(f"  {study.notes}")
     result = sweep(base, grid, seeds=seeds, out=out, jobs=args.jobs, launcher=args.launcher,
-                   launcher_options=parse_key_values(args.launcher_option, "launcher option"), write_report=False)
+                   launcher_options=parse_key_values(args.launcher_option, "launcher option"), write_report=False,
+                   restart=args.restart)
+    # The study as it ran (overrides included) goes beside its runs: the report, now and
+    # whenever `reslab report` reads the directory again, judges the claim from them.
+    write_study(replace(study, base=base, grid=grid, seeds=tuple(seeds)), result.out)
     return _print_sweep_end(result, report(result.out))
 
 
@@ -326,6 +364,7 @@ def run_report(args: argparse.Namespace) -> int:
     result = report(args.directory, group_by=group_by)
     print(result.format_table())
     print()
+    _print_verdict(result)
     print("report: " + ", ".join(str(p) for p in result.files))
     return EXIT_OK
 
@@ -452,14 +491,39 @@ def _print_config(args: argparse.Namespace) -> None:
 _GLOBAL_DESTS = ("command", "config", "print_config", "verbose")
 
 
+def _log_to_stderr(verbose: bool) -> Callable[[], None]:
+    """Send reslab's own log messages to stderr, message text only; returns what undoes it.
+
+    Only the ``reslab`` logger is configured: the root logger and other libraries'
+    loggers keep their levels and handlers (``-v`` must not make torch or matplotlib
+    chatty), and reslab's messages stop at its own handler instead of reaching the
+    root's too.  Under torchrun only rank 0 reports progress; other ranks show
+    warnings and errors.  Undoing it on the way out leaves nothing behind, so
+    calling main() again in one process never stacks a second handler.
+    """
+    logger = logging.getLogger("reslab")
+    quiet = os.environ.get("RANK", "0") != "0"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    saved_level, saved_propagate = logger.level, logger.propagate
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+    logger.addHandler(handler)
+
+    def restore() -> None:
+        logger.removeHandler(handler)
+        handler.flush()
+        logger.setLevel(saved_level)
+        logger.propagate = saved_propagate
+
+    return restore
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    restore_logging: Callable[[], None] | None = None
     try:
         args = parse_args(argv)
-        quiet = os.environ.get("RANK", "0") != "0"  # torchrun: only rank 0 talks
-        logging.basicConfig(
-            level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
-            format="%(message)s", stream=sys.stderr,
-        )
+        restore_logging = _log_to_stderr(args.verbose)
         if args.print_config:
             _print_config(args)
             return EXIT_OK
@@ -470,3 +534,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("reslab: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if restore_logging is not None:
+            restore_logging()

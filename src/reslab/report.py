@@ -8,6 +8,12 @@ over its completed runs - the airbench way of reporting results.  Diverged and
 failed runs are counted, never averaged: one NaN run must not hide behind a
 mean, and must not drag it either.
 
+The accuracy reported is the final epoch's.  A best-epoch accuracy appears only
+when every run evaluates on a validation split (``--val-split``): the best epoch
+of the test split is a choice made by looking at the test set, and its number
+overstates what the model does on unseen data.  For other runs the CSV keeps the
+``best_eval_acc_mean`` column, empty, so its columns never depend on the split.
+
 Written into DIR (each file atomically: whole or absent):
 
 - ``report.csv``     one row per group, accuracies as fractions (machine-readable)
@@ -38,11 +44,13 @@ import yaml
 from . import __version__
 from .config import TrainConfig
 from .errors import SpecError
-from .fileio import atomic_write_text, read_jsonl
+from .fileio import atomic_write_json, atomic_write_text, read_jsonl
 from .plots import plot_mean_bars, plot_mean_curves, series_style
+from .studies import VERDICT_FILE, Study, read_study
 from .tables import format_table
+from .verdict import RunResult, Verdict
 from .sweep import SWEEP_PLAN
-from .train import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from .train import CONFIG_FILE, METRICS_FILE, STEPS_FILE, SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +70,7 @@ class Run:
     config: dict[str, Any]
     summary: dict[str, Any] | None  # None: the run has not finished (no summary.json)
     metrics: list[dict[str, Any]]
+    steps: list[dict[str, Any]] = field(default_factory=list)  # steps.jsonl: loss and lr per logged interval
 
     @property
     def status(self) -> str:
@@ -79,17 +88,25 @@ class Report:
     eval_split: str  # "test", "val", or "test, val" when the runs disagree
     incomplete: int = 0  # runs without a summary.json, left out of every number
     runs: list[Run] = field(default_factory=list, repr=False)
+    verdict: Verdict | None = None  # a study directory's claim, judged from these runs
+    setup: dict[str, Any] = field(default_factory=dict)  # what was held fixed, and the command that reruns it
+
+    @property
+    def shows_best(self) -> bool:
+        """Whether a best-epoch accuracy is reported: only for runs that all evaluate on a validation split."""
+        return _shows_best(self.eval_split)
 
     def format_table(self) -> str:
         """The table for the terminal: accuracies in %, mean ± std."""
         split = _split_word(self.eval_split)
-        headers = [*self.fields, "n", "completed", "diverged", f"{split} acc %", f"best {split} acc %",
-                   "train loss", "wall s"]
+        best = self.shows_best
+        headers = [*self.fields, "n", "completed", "diverged", f"{split} acc %",
+                   *([f"best {split} acc %"] if best else []), "train loss", "wall s"]
         acc = _rjust([_pm(g["eval_acc_mean"], g["eval_acc_std"], 100, 2) for g in self.groups])
         loss = _rjust([_pm(g["train_loss_mean"], g["train_loss_std"], 1, 4) for g in self.groups])
         rows = [
             [*(_label(g[f]) for f in self.fields), g["n"], g["completed"], g["diverged"], a,
-             _pct(g["best_eval_acc_mean"]), l, g["wall_time_s_mean"]]
+             *([_pct(g["best_eval_acc_mean"])] if best else []), l, g["wall_time_s_mean"]]
             for g, a, l in zip(self.groups, acc, loss)
         ]
         return format_table(headers, rows)
@@ -121,16 +138,21 @@ def report(directory: str | Path, *, group_by: str | Sequence[str] | None = None
     names = _config_names(finished)
     group_fields = _resolve_group_by(group_by, names) if group_by is not None else varied_fields(finished, names)
     groups = _group(finished, group_fields)
-    rows = [_row(key, runs, group_fields) for key, runs in groups]
     splits = sorted({str(r.summary.get("eval_split")) for r in finished if r.summary.get("eval_split")})
     eval_split = ", ".join(splits) or "test"
     if len(splits) > 1:
         log.warning("runs evaluate on different splits (%s): the accuracies are not comparable", eval_split)
+    rows = [_row(key, runs, group_fields, best=_shows_best(eval_split)) for key, runs in groups]
 
     result = Report(directory=root, fields=group_fields, groups=rows, files=[], eval_split=eval_split,
                     incomplete=incomplete, runs=finished)
     dest = Path(out) if out is not None else root
     started = time.perf_counter()
+    study = read_study(root)
+    if study is not None:
+        result.verdict = study.verdict([RunResult(values=r.config, status=r.status, summary=r.summary)
+                                        for r in finished])
+    result.setup = describe_setup(root, finished, group_fields, study)
     labels = [_group_label(row, group_fields) for row in rows]
     loss_png = _plot_losses(groups, labels, group_fields, dest / LOSS_PLOT)
     acc_png = _plot_accuracy(rows, labels, group_fields, eval_split, dest / ACC_PLOT)
@@ -138,9 +160,98 @@ def report(directory: str | Path, *, group_by: str | Sequence[str] | None = None
     md_file = atomic_write_text(dest / MD_FILE, to_markdown(result))
     html_file = atomic_write_text(dest / HTML_FILE, to_html(result, [loss_png, acc_png]))
     result.files = [csv_file, md_file, loss_png, acc_png, html_file]
+    if result.verdict is not None:
+        result.files.append(atomic_write_json(dest / VERDICT_FILE, result.verdict.to_dict()))
     log.info("report: %d runs in %d groups, written to %s in %.1fs", len(finished), len(rows), dest,
              time.perf_counter() - started)
     return result
+
+
+# --- what was run -----------------------------------------------------------------------------
+
+# The settings a reader needs to know to judge the numbers, in this order.
+SETUP_FIELDS = ("model", "norm", "init", "dataset", "epochs", "batch_size", "optimizer", "lr", "momentum",
+                "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "val_split", "precision")
+
+
+def describe_setup(root: Path, runs: list[Run], group_fields: list[str], study: Study | None) -> dict[str, Any]:
+    """What the runs held fixed, their seeds, data sizes and versions, and the command that reruns them."""
+    fixed = {}
+    for name in SETUP_FIELDS:
+        if name in group_fields:
+            continue
+        values = {_value(r, name) for r in runs}
+        if len(values) == 1:
+            fixed[name] = next(iter(values))
+    seeds = sorted({r.config.get("seed", 0) for r in runs})
+    sizes = sorted({(r.summary.get("num_train"), r.summary.get("num_eval")) for r in runs
+                    if r.summary.get("num_train") is not None})
+    versions = sorted({(str(r.summary.get("versions", {}).get("reslab")), str(r.summary.get("versions", {}).get("torch")))
+                       for r in runs if r.summary.get("versions")})
+    devices = sorted({str(r.summary.get("device")) for r in runs if r.summary.get("device")})
+    return {"fixed": fixed, "varied": list(group_fields), "seeds": seeds, "sizes": sizes, "versions": versions,
+            "devices": devices, "command": _rerun_command(root, study)}
+
+
+def _rerun_command(root: Path, study: Study | None) -> str:
+    import shlex
+
+    if study is not None:
+        # the shipped study by name when it ran unchanged; else the copy it left, which is a study file itself
+        from .studies import STUDY_FILE, shipped_studies
+
+        shipped = shipped_studies().get(study.name)
+        what = study.name if shipped is not None and shipped.to_dict() == study.to_dict() else str(root / STUDY_FILE)
+        return f"reslab study {shlex.quote(what)} --out {shlex.quote(str(root))}"
+    try:
+        plan = yaml.safe_load((root / SWEEP_PLAN).read_text())
+    except (OSError, yaml.YAMLError):
+        return f"reslab report {shlex.quote(str(root))}"
+    if not isinstance(plan, dict):
+        return f"reslab report {shlex.quote(str(root))}"
+    parts = ["reslab", "sweep"]
+    for name, value in {**(plan.get("base") or {}), **(plan.get("grid") or {})}.items():
+        if isinstance(value, list):
+            if any(isinstance(v, dict) for v in value):
+                return f"reslab sweep --config SWEEP.yaml --out {shlex.quote(str(root))}  # policy mappings in the grid"
+            value = ",".join(str(v) for v in value)
+        elif isinstance(value, dict):
+            value = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        parts += [f"--{str(name).replace('_', '-')}", shlex.quote(str(value))]
+    parts += ["--seeds", ",".join(str(s) for s in plan.get("seeds") or [0]), "--out", shlex.quote(str(root))]
+    return " ".join(parts)
+
+
+def _setup_lines(result: Report) -> list[str]:
+    """The setup as plain sentences (markdown marks only backticks)."""
+    s = result.setup
+    if not s:
+        return []
+    fixed = ", ".join(f"{k}=`{_label(v)}`" for k, v in s["fixed"].items()) or "nothing"
+    lines = [f"Held fixed: {fixed}.",
+             f"Varied: {', '.join(f'`{f}`' for f in s['varied']) or 'nothing'}; seeds {', '.join(map(str, s['seeds']))}."]
+    if s["sizes"]:
+        lines.append("Data: " + "; ".join(f"{a:,} train / {b:,} eval images" for a, b in s["sizes"]) + ".")
+    if s["versions"]:
+        lines.append("Versions: " + "; ".join(f"reslab {a}, torch {b}" for a, b in s["versions"])
+                     + (f"; device {', '.join(s['devices'])}" if s["devices"] else "") + ".")
+    lines.append(f"Rerun: `{s['command']}`")
+    return lines
+
+
+def _verdict_markdown(result: Report) -> list[str]:
+    v = result.verdict
+    if v is None:
+        return []
+    lines = ["## Verdict", "", f"**{v.verdict}**: {v.claim}", "",
+             f"Each check, on the study's `{v.metric}` (mean ± std over seeds; a check holds only when it holds "
+             "across the spread):", ""]
+    for e in v.evidence:
+        terms = "; ".join(f"{t['term']} = {t['value']}" for t in e.terms)
+        lines.append(f"- {e.result}: `{e.check}` ({e.value}){' - ' + terms if terms else ''}")
+    return [*lines, ""]
 
 
 # --- finding and reading runs ---------------------------------------------------------
@@ -195,7 +306,8 @@ def _read_run(folder: Path) -> Run | None:
             log.warning("%s: unreadable %s; counted as not finished", folder, SUMMARY_FILE)
         if not isinstance(summary, dict):
             summary = None
-    return Run(path=folder, config=config, summary=summary, metrics=read_jsonl(folder / METRICS_FILE))
+    return Run(path=folder, config=config, summary=summary, metrics=read_jsonl(folder / METRICS_FILE),
+               steps=read_jsonl(folder / STEPS_FILE))
 
 
 # --- grouping ------------------------------------------------------------------------------
@@ -280,7 +392,8 @@ def _std(values: list[float]) -> float | None:
     return statistics.stdev(values) if len(values) >= 2 else None
 
 
-def _row(key: tuple, runs: list[Run], group_fields: list[str]) -> dict[str, Any]:
+def _row(key: tuple, runs: list[Run], group_fields: list[str], *, best: bool) -> dict[str, Any]:
+    """One group's statistics; ``best``: whether the best-epoch accuracy may be reported (a validation split)."""
     completed = [r for r in runs if r.status == "completed"]  # the only runs the means average
 
     def stat(name: str) -> list[float]:
@@ -294,7 +407,7 @@ def _row(key: tuple, runs: list[Run], group_fields: list[str]) -> dict[str, Any]
         "diverged": sum(r.status == "diverged" for r in runs),
         "eval_acc_mean": _mean(acc),
         "eval_acc_std": _std(acc),
-        "best_eval_acc_mean": _mean(stat("best_eval_acc")),
+        "best_eval_acc_mean": _mean(stat("best_eval_acc")) if best else None,
         "train_loss_mean": _mean(loss),
         "train_loss_std": _std(loss),
         "wall_time_s_mean": _mean(stat("wall_time_s")),
@@ -302,15 +415,19 @@ def _row(key: tuple, runs: list[Run], group_fields: list[str]) -> dict[str, Any]
 
 
 def _loss_curve(runs: list[Run]) -> dict[str, list[float]] | None:
-    """Mean and sample std of train_loss per epoch over the completed runs that reached that epoch."""
-    per_epoch: dict[int, list[float]] = {}
-    for run in runs:
-        if run.status != "completed":
-            continue
-        for row in run.metrics:
-            loss = _finite([row.get("train_loss")])
-            if loss and isinstance(row.get("epoch"), int):
-                per_epoch.setdefault(row["epoch"], []).extend(loss)
+    """Mean and sample std of the train loss over the completed runs, at each point they share.
+
+    Per logged step (``steps.jsonl``, x in fractional epochs) where every completed run
+    recorded steps; per epoch (``metrics.jsonl``) otherwise."""
+    completed = [r for r in runs if r.status == "completed"]
+    per_epoch: dict[float, list[float]] = {}
+    by_step = bool(completed) and all(r.steps for r in completed)
+    for run in completed:
+        for row in (run.steps if by_step else run.metrics):
+            loss = _finite([row.get("loss" if by_step else "train_loss")])
+            x = row.get("epoch")
+            if loss and isinstance(x, (int, float)) and not isinstance(x, bool):
+                per_epoch.setdefault(x, []).extend(loss)
     if not per_epoch:
         return None
     epochs = sorted(per_epoch)
@@ -359,6 +476,11 @@ def _rjust(cells: list[str]) -> list[str]:
     return [c.rjust(width) for c in cells]
 
 
+def _shows_best(eval_split: str) -> bool:
+    """A best-epoch accuracy is selection on the split it is measured on: honest on validation data only."""
+    return eval_split == "val"
+
+
 def _split_word(eval_split: str) -> str:
     """The accuracy's name: test, val - or eval when the runs mix splits."""
     return eval_split if eval_split in ("test", "val") else "eval"
@@ -381,13 +503,15 @@ def _group_label(row: dict[str, Any], group_fields: list[str]) -> str:
 def _display_table(result: Report) -> tuple[list[str], list[list[str]]]:
     """Headers and text cells shared by the markdown and HTML tables."""
     split = _split_word(result.eval_split)
-    headers = [*result.fields, "n", "completed", "diverged", f"{split} acc (%)", f"best {split} acc (%)",
-               "final train loss", "wall time (s)"]
+    best = result.shows_best
+    headers = [*result.fields, "n", "completed", "diverged", f"{split} acc (%)",
+               *([f"best {split} acc (%)"] if best else []), "final train loss", "wall time (s)"]
     rows = []
     for g in result.groups:
         wall = g["wall_time_s_mean"]
         rows.append([*(_label(g[f]) for f in result.fields), str(g["n"]), str(g["completed"]), str(g["diverged"]),
-                     _pm(g["eval_acc_mean"], g["eval_acc_std"], 100, 2), _pct(g["best_eval_acc_mean"]),
+                     _pm(g["eval_acc_mean"], g["eval_acc_std"], 100, 2),
+                     *([_pct(g["best_eval_acc_mean"])] if best else []),
                      _pm(g["train_loss_mean"], g["train_loss_std"], 1, 4), "-" if wall is None else f"{wall:.1f}"])
     return headers, rows
 
@@ -396,6 +520,14 @@ def _method_note(result: Report) -> str:
     failed = sum(r.status == "failed" for r in result.runs)
     note = ("Mean ± sample standard deviation (ddof=1) over the completed runs of each group, final epoch; "
             "no ± with fewer than two completed runs. Diverged and failed runs count in n but not in the means.")
+    if result.shows_best:
+        note += (" Best val acc: the mean over runs of each run's best epoch on the validation split "
+                 "(epoch selection on validation data, never on the test split).")
+    else:
+        what = "the test split" if result.eval_split == "test" else f"more than one split ({result.eval_split})"
+        note += (f" No best-epoch accuracy: the runs evaluate on {what}, and picking the best epoch on the test "
+                 "split is selection on the test set, which overstates the accuracy; the final-epoch number is "
+                 "the honest one. Train with --val-split for a best epoch chosen on data held out of training.")
     if failed:
         note += f" {failed} run{'s' if failed != 1 else ''} failed (n - completed - diverged)."
     if result.incomplete:
@@ -425,6 +557,8 @@ def to_markdown(result: Report) -> str:
     return "\n".join([
         f"# reslab report: {result.directory}",
         "",
+        *_verdict_markdown(result),
+        *(["## Setup", "", *_setup_lines(result), "", "## Results", ""] if result.setup else []),
         (f"{runs} run{'s' if runs != 1 else ''} in {len(result.groups)} "
          f"group{'s' if len(result.groups) != 1 else ''}; grouped by {varied}."),
         "",
@@ -433,7 +567,7 @@ def to_markdown(result: Report) -> str:
         _split_sentence(result.eval_split),
         _method_note(result),
         "",
-        f"![train loss per epoch]({LOSS_PLOT})",
+        f"![train loss per step]({LOSS_PLOT})",
         "",
         f"![final {_split_word(result.eval_split)} accuracy per group]({ACC_PLOT})",
         "",
@@ -455,6 +589,7 @@ figure img { max-width: 100%; height: auto; border: 1px solid #e4e4e4; }
 figcaption { color: #555; font-size: 0.9rem; }
 .note { color: #555; font-size: 0.9rem; }
 .warn { color: #a40000; }
+.verdict-supported { color: #116611; } .verdict-not-supported { color: #a40000; } .verdict-inconclusive { color: #8a6d00; }
 """
 
 # Marks each image once the browser has decoded it (data-loaded, its natural size
@@ -472,6 +607,30 @@ window.addEventListener("load", () => {
 """
 
 
+def _verdict_html(result: Report) -> str:
+    v = result.verdict
+    if v is None:
+        return ""
+    esc = html.escape
+    items = "".join(
+        f"<li><b>{esc(e.result)}</b>: <code>{esc(e.check)}</code> ({esc(e.value)})"
+        + ("<br><span class=note>" + esc("; ".join(f"{t['term']} = {t['value']}" for t in e.terms)) + "</span>"
+           if e.terms else "") + "</li>"
+        for e in v.evidence)
+    return (f'<section id="verdict"><h2>Verdict: <span class="verdict-{v.verdict.replace(" ", "-")}">'
+            f"{esc(v.verdict)}</span></h2><p>{esc(v.claim)}</p>"
+            f"<p class=note>Checks on {esc(v.metric)}, mean ± std over seeds; a check holds only when it holds "
+            f"across the spread.</p><ul>{items}</ul></section>\n")
+
+
+def _setup_html(result: Report) -> str:
+    lines = _setup_lines(result)
+    if not lines:
+        return ""
+    items = "".join(f"<li>{html.escape(line).replace('`', '')}</li>" for line in lines)
+    return f'<section id="setup"><h2>Setup</h2><ul>{items}</ul></section>\n'
+
+
 def to_html(result: Report, images: list[Path]) -> str:
     """One self-contained page: inline CSS, the plots as base64 data URIs, no external resources."""
     esc = html.escape
@@ -484,8 +643,9 @@ def to_html(result: Report, images: list[Path]) -> str:
     )
     split = _split_word(result.eval_split)
     captions = {
-        LOSS_PLOT: ("Training loss per epoch for each group: mean over completed runs, shaded band ±1 std.",
-                    "Train loss per epoch for each group (mean ± std over runs)"),
+        LOSS_PLOT: ("Training loss over training for each group (per logged step where runs recorded steps.jsonl, "
+                    "else per epoch): mean over completed runs, shaded band ±1 std.",
+                    "Train loss over training for each group (mean ± std over runs)"),
         ACC_PLOT: (f"Final {split} accuracy per group: mean over completed runs, error bars ±1 std.",
                    f"Bar chart of final {split} accuracy per group with standard-deviation error bars"),
     }
@@ -508,7 +668,7 @@ def to_html(result: Report, images: list[Path]) -> str:
 </head>
 <body>
 <h1>reslab report</h1>
-<p class="meta">{len(result.runs)} runs in {len(result.groups)} groups, grouped by {esc(varied)}.</p>
+{_verdict_html(result)}{_setup_html(result)}<p class="meta">{len(result.runs)} runs in {len(result.groups)} groups, grouped by {esc(varied)}.</p>
 <table id="summary">
 <thead><tr>{head}</tr></thead>
 <tbody>
@@ -553,7 +713,7 @@ def _plot_losses(groups: list[tuple[tuple, list[Run]]], labels: list[str], group
         suffix = f" ({n} run{'s' if n != 1 else ''}" + (f"; {_lost(runs)} not shown)" if excluded else ")")
         series.append({"label": label + suffix, "style": series_style(i), **curve})
     note = ("not shown: " + "; ".join(left_out)) if left_out else ""
-    return plot_mean_curves(series, path, title="Training loss per epoch (mean ± std over completed runs)",
+    return plot_mean_curves(series, path, title="Training loss (mean ± std over completed runs)",
                             xlabel="epoch", ylabel="train loss", legend_title=_legend_title(group_fields), note=note)
 
 

@@ -1,0 +1,109 @@
+"""Studies as data: a user's YAML claim runs, is judged from its runs and reported; per-step records."""
+
+import json
+
+import pytest
+import yaml
+
+from reslab.cli import main
+from reslab.studies import get_study, shipped_studies
+from reslab.verdict import parse_check
+
+SYNTH = "synthetic:train=192,test=64,size=8,channels=1,classes=4"
+
+
+def cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def write_study(path, checks, **extra):
+    study = {"name": "tiny-norms", "claim": "GN and BN both learn the synthetic task",
+             "base": {"model": "simple_cnn", "dataset": SYNTH, "epochs": 2, "batch_size": 32, "lr": 0.05,
+                      "log_every": 2, "progress": "none"},
+             "grid": {"norm": ["bn", "gn"]}, "seeds": [0, 1], "verdict": {"checks": checks}, **extra}
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def test_a_users_study_file_runs_and_is_judged_from_its_runs(capsys, tmp_path):
+    file = write_study(tmp_path / "mine.yaml", ['mean(norm="bn") >= 0.5', 'mean(norm="gn") >= 0.5'])
+    out = tmp_path / "study"
+    code, stdout, err = cli(capsys, "study", file, "--out", out)
+    assert code == 0, err
+    assert "verdict: supported" in stdout
+    verdict = json.loads((out / "verdict.json").read_text())
+    assert verdict["study"] == "tiny-norms" and verdict["verdict"] == "supported"
+    assert [e["result"] for e in verdict["evidence"]] == ["holds", "holds"]
+    assert verdict["evidence"][0]["terms"][0]["runs"] == 2
+    md = (out / "report.md").read_text()
+    assert md.index("## Verdict") < md.index("## Setup") < md.index("| norm |")  # the verdict comes first
+    assert "seeds 0, 1" in md and "192 train / 64 eval images" in md and "torch" in md
+    assert f"reslab study {out / 'study.yaml'} --out {out}" in md  # the one command that reruns it
+    html = (out / "report.html").read_text()
+    assert 'id="verdict"' in html and "supported" in html and 'id="setup"' in html
+
+    # the study left beside its runs is a study file itself; a stricter claim, judged again by report
+    study = yaml.safe_load((out / "study.yaml").read_text())
+    study["verdict"]["checks"] = ['mean(norm="gn") - mean(norm="bn") >= 0.5']
+    (out / "study.yaml").write_text(yaml.safe_dump(study))
+    code, stdout, _ = cli(capsys, "report", out)
+    assert code == 0 and "verdict: not supported" in stdout
+    assert json.loads((out / "verdict.json").read_text())["verdict"] == "not supported"
+
+
+def test_every_run_records_steps_and_resume_adds_no_duplicates(capsys, tmp_path):
+    argv = ["train", "--model", "simple_cnn", "--norm", "gn", "--dataset", SYNTH, "--batch-size", "32",
+            "--log-every", "4", "--progress", "none"]
+    assert cli(capsys, *argv, "--epochs", "2", "--out", tmp_path / "straight")[0] == 0
+    assert cli(capsys, *argv, "--epochs", "1", "--out", tmp_path / "split")[0] == 0
+    assert cli(capsys, *argv, "--epochs", "2", "--out", tmp_path / "split", "--resume")[0] == 0
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "steps.jsonl").read_text().splitlines()]
+    # 6 steps an epoch in intervals of 4: flushed at 4 and at the epoch's end
+    assert [(r["step"], r["steps"]) for r in rows] == [(4, 4), (6, 2), (10, 4), (12, 2)]
+    assert [r["epoch"] for r in rows] == pytest.approx([4 / 6, 1, 10 / 6, 2])
+    assert set(rows[0]) == {"step", "epoch", "loss", "lr", "steps"} and all(r["lr"] == 0.1 for r in rows)
+    resumed = [json.loads(line) for line in (tmp_path / "split" / "steps.jsonl").read_text().splitlines()]
+    assert resumed == rows  # the same records, none twice
+    # the interval means average to the epoch's train loss (the same images and steps)
+    metrics = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    first_epoch = (rows[0]["loss"] * 4 + rows[1]["loss"] * 2) / 6
+    assert first_epoch == pytest.approx(metrics[0]["train_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"colour": "red"}, "unknown key 'colour'"),
+    ({"verdict": {"checks": ["mean(norm=bn) > 0.5"]}}, "quote text values"),
+    ({"verdict": {"checks": ["mean(width=16) > 0.5"]}}, "'width' is not a field of the study's grid"),
+    ({"verdict": {"checks": []}}, "non-empty list 'checks'"),
+    ({"seeds": "0,1"}, "'seeds' must be a non-empty list"),
+    ({"grid": {"norm": []}}, "grid axis 'norm'"),
+])
+def test_bad_study_files_are_one_line_and_write_nothing(capsys, tmp_path, change, fragment):
+    file = write_study(tmp_path / "bad.yaml", ['mean(norm="bn") >= 0.5'])
+    study = yaml.safe_load(file.read_text())
+    study.update(change)
+    file.write_text(yaml.safe_dump(study))
+    code, _, err = cli(capsys, "study", file, "--out", tmp_path / "out")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_study_names_the_shipped_ones(capsys, tmp_path):
+    code, _, err = cli(capsys, "study", "depht", "--out", tmp_path / "o")
+    assert code == 2 and "'depht'" in err and "batch-size, depth, inits, norms" in err
+    code, _, err = cli(capsys, "study", tmp_path / "missing.yaml")
+    assert code == 2 and "missing.yaml" in err
+
+
+def test_shipped_studies_are_valid_data_with_budgets(capsys):
+    studies = shipped_studies()
+    assert {"inits", "norms", "batch-size", "depth"} <= set(studies)
+    for name, study in studies.items():
+        assert study.claim and study.budget_s and study.checks, name
+        for check in study.checks:
+            parse_check(check, grid_fields=list(study.grid))
+        assert get_study(str(study.path)).to_dict() == study.to_dict()
+    code, out, _ = cli(capsys, "list", "studies")
+    assert code == 0 and "on 2 CPU cores" in out and "inits" in out
