@@ -107,3 +107,13 @@ def test_shipped_studies_are_valid_data_with_budgets(capsys):
         assert get_study(str(study.path)).to_dict() == study.to_dict()
     code, out, _ = cli(capsys, "list", "studies")
     assert code == 0 and "on 2 CPU cores" in out and "inits" in out
+
+
+def test_sweep_prints_one_line_per_finished_run_with_its_numbers(capsys, tmp_path):
+    code, _, err = cli(capsys, "sweep", "--model", "mlp", "--dataset", SYNTH, "--epochs", "1", "--batch-size", "32",
+                       "--lr", "0.01,0.02", "--progress", "none", "--out", tmp_path / "sweep")
+    assert code == 0
+    lines = [line for line in err.splitlines() if line.startswith("[")]
+    assert [line.split(":")[0] for line in lines] == ["[1/2] lr=0.01-seed=0", "[2/2] lr=0.02-seed=0"]
+    summary = json.loads((tmp_path / "sweep" / "lr=0.01-seed=0" / "summary.json").read_text())
+    assert f"completed, test acc {summary['final_eval_acc']:.4f}, " in lines[0] and lines[0].endswith(" s")

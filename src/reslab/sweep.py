@@ -128,6 +128,22 @@ def _grid_runs(
     return runs
 
 
+def _run_numbers(run_dir: Path) -> str:
+    """``, test acc 0.9630, 12.3 s`` from a finished run's summary (empty if it has none)."""
+    import json
+
+    try:
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return ""
+    parts = []
+    if isinstance(summary.get("final_eval_acc"), (int, float)):
+        parts.append(f"{summary.get('eval_split', 'eval')} acc {summary['final_eval_acc']:.4f}")
+    if isinstance(summary.get("wall_time_s"), (int, float)):
+        parts.append(f"{summary['wall_time_s']:.1f} s")
+    return "".join(f", {p}" for p in parts)
+
+
 def run_status(run_dir: Path) -> str | None:
     """The status in a run directory's summary.json, or None if it has not ended."""
     import json
@@ -429,7 +445,8 @@ def sweep(
 
     def on_done(run_out: str, status: str) -> None:
         result.statuses[by_out[run_out]] = status
-        log.info("[%d/%d] %s: %s", len(result.statuses), len(runs), by_out[run_out], status)
+        log.info("[%d/%d] %s: %s%s", len(result.statuses), len(runs), by_out[run_out], status,
+                 _run_numbers(Path(run_out)))
 
     if launcher == "local":
         run_local(todo, jobs, on_done)
