@@ -84,6 +84,14 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+def _native_bf16() -> bool:
+    """bf16 in hardware (emulated bf16 on older GPUs runs, but far slower than fp16)."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before the argument existed
+        return torch.cuda.is_bf16_supported()
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Everything that can be checked before touching data or disk."""
     cfg.validate()
@@ -93,7 +101,7 @@ def check_config(cfg: TrainConfig) -> None:
     device = resolve_device(cfg.device)
     if cfg.precision != "fp32" and device.type != "cuda":
         raise SpecError(f"--precision {cfg.precision} needs a CUDA device; on the CPU use --precision fp32")
-    if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+    if cfg.precision == "bf16" and device.type == "cuda" and not _native_bf16():
         raise SpecError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
                         "valid choices here: fp32, fp16")
     if cfg.sync_bn and device.type != "cuda":
