@@ -44,7 +44,7 @@ import yaml
 from .config import TrainConfig, config_from_dict, describe_differences, differing_fields
 from .errors import SpecError
 from .fileio import atomic_write_json, atomic_write_text
-from .train import CONFIG_FILE, SUMMARY_FILE, check_config, preflight
+from .train import CONFIG_FILE, SUMMARY_FILE, check_config, preflight, read_summary
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +130,7 @@ def _grid_runs(
 
 def _run_numbers(run_dir: Path) -> str:
     """``, test acc 0.9630, 12.3 s`` from a finished run's summary (empty if it has none)."""
-    import json
-
-    try:
-        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-    except (OSError, ValueError):
-        return ""
+    summary = read_summary(run_dir) or {}
     parts = []
     if isinstance(summary.get("final_eval_acc"), (int, float)):
         parts.append(f"{summary.get('eval_split', 'eval')} acc {summary['final_eval_acc']:.4f}")
@@ -146,15 +141,8 @@ def _run_numbers(run_dir: Path) -> str:
 
 def run_status(run_dir: Path) -> str | None:
     """The status in a run directory's summary.json, or None if it has not ended."""
-    import json
-
-    summary = run_dir / SUMMARY_FILE
-    if not summary.is_file():
-        return None
-    try:
-        return json.loads(summary.read_text()).get("status")
-    except (OSError, ValueError):
-        return None
+    summary = read_summary(run_dir)
+    return summary.get("status") if summary is not None else None
 
 
 def _saved_config_difference(run: Run) -> str | None:

@@ -486,7 +486,8 @@ class _Resume:
     finished: dict[str, Any] | None = None  # the summary of a run that has nothing left to do
 
 
-def _read_summary(out: Path) -> dict[str, Any] | None:
+def read_summary(out: Path) -> dict[str, Any] | None:
+    """A run directory's summary.json, or None where it has none (or an unreadable one)."""
     try:
         summary = json.loads((out / SUMMARY_FILE).read_text())
     except (OSError, ValueError):
@@ -531,7 +532,7 @@ def _prepare_out(cfg: TrainConfig, out: Path) -> _Resume:
     if cfg.epochs < epoch:
         raise SpecError(f"--resume: --epochs {cfg.epochs} is below the {epoch} epochs the run in {str(out)!r} "
                         f"has already trained; pass --epochs {epoch} or more")
-    summary = _read_summary(out)
+    summary = read_summary(out)
     if summary is not None and (summary.get("status") == "diverged"
                                 or (summary.get("status") == "completed" and cfg.epochs == epoch)):
         return _Resume(finished=summary)  # nothing left to do: its record stays exactly as it is
