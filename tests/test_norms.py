@@ -361,3 +361,46 @@ def test_ghost_bn_bad_values_are_clear_errors():
         layer(torch.randn(6, 8, 2, 2))
     layer.eval()
     assert layer(torch.randn(6, 8, 2, 2)).shape == (6, 8, 2, 2)  # eval takes any batch
+
+
+def _split_layer(spec, channels=6):
+    torch.manual_seed(0)
+    layer = make_norm(spec, channels)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+    return layer
+
+
+def _normalized(part, layer):
+    mean = part.mean(dim=(0, 2, 3), keepdim=True)
+    var = part.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    return (part - mean) / torch.sqrt(var + layer.eps) * layer.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
+
+
+def test_bn_splits_shares_each_batch_out_as_devices_would():
+    x = torch.randn(8, 6, 4, 4) * 2 + 3
+    by_size, by_count = _split_layer("bn:ghost=2"), _split_layer("bn:splits=4")
+    assert torch.allclose(by_count(x), by_size(x), atol=1e-6)  # 4 parts of a batch of 8 = parts of 2
+    assert torch.allclose(by_count.running_var, by_size.running_var, atol=1e-6)
+    whole, bn = _split_layer("bn:splits=1"), nn.BatchNorm2d(6)
+    bn.load_state_dict(whole.state_dict())
+    assert torch.allclose(whole(x), bn(x), atol=1e-6) and torch.allclose(whole.running_var, bn.running_var, atol=1e-5)
+    # a batch that K does not divide (the short last batch of an epoch): near-equal parts, as tensor_split cuts it
+    layer = _split_layer("bn:splits=3")
+    x = torch.randn(7, 6, 3, 3) * 2 + 1
+    y = layer(x)
+    parts = [x[0:3], x[3:5], x[5:7]]
+    assert torch.allclose(y, torch.cat([_normalized(p, layer) for p in parts]), atol=1e-5)
+    variances = torch.stack([p.transpose(0, 1).reshape(6, -1).var(dim=1, unbiased=True) for p in parts]).mean(0)
+    assert torch.allclose(layer.running_var, 0.9 + 0.1 * variances, atol=1e-5)
+    y.sum().backward()  # gradients reach the affine parameters through every part
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    assert "splits=3" in repr(layer)
+
+
+def test_bn_ghost_and_splits_are_one_or_the_other():
+    with pytest.raises(SpecError, match="both ghost=2 and splits=4"):
+        make_norm("bn:ghost=2,splits=4", 8)
+    with pytest.raises(SpecError, match="'0'.*splits"):
+        make_norm("bn:splits=0", 8)

@@ -171,50 +171,83 @@ class RMSNorm2d(nn.Module):
 
 
 class GhostBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm with the batch statistics of each group of ``ghost`` samples (Hoffer et al. 2017).
+    """BatchNorm with the batch statistics of each part of the batch (Hoffer et al. 2017).
 
-    In training, a batch of N = k * G samples is normalized as k separate batches of
-    G: exactly what per-device BatchNorm without SyncBN computes on k devices holding G
-    samples each, so one device simulates the small per-device batches of a
-    data-parallel run (Wu & He 2018, Fig. 1).  The running averages are updated once
-    per batch from all groups (the mean of the groups' means and of their unbiased
-    variances), and evaluation uses them exactly as BatchNorm2d does.  With G = N it
-    *is* BatchNorm2d, outputs and running statistics alike; parameters and buffers
-    carry BatchNorm2d's names, so state dicts move between the two.
+    ``ghost=G``: in training, a batch of N = k * G samples is normalized as k separate
+    batches of G: exactly what per-device BatchNorm without SyncBN computes on k devices
+    holding G samples each, so one device simulates the small per-device batches of a
+    data-parallel run (Wu & He 2018, Fig. 1).  A batch that G does not divide is an error.
+
+    ``splits=K``: each training batch is cut into K parts, as a global batch is shared out
+    over K devices: equal parts of N / K when K divides N, else ``torch.tensor_split``'s
+    near-equal parts (the short last batch of an epoch).  With the batch size a multiple
+    of K, per-device batch = batch size / K, and the grid of a study can vary the batch
+    size alone.
+
+    The running averages are updated once per batch from all parts (the mean of the
+    parts' means and of their unbiased variances), and evaluation uses them exactly as
+    BatchNorm2d does.  With G = N (or K = 1) it *is* BatchNorm2d, outputs and running
+    statistics alike; parameters and buffers carry BatchNorm2d's names, so state dicts
+    move between the two.
     """
 
-    def __init__(self, num_features: int, ghost: int, eps: float = 1e-5, momentum: float | None = 0.1):
+    def __init__(self, num_features: int, ghost: int | None = None, eps: float = 1e-5,
+                 momentum: float | None = 0.1, splits: int | None = None):
         super().__init__(num_features, eps=eps, momentum=momentum)
-        if not isinstance(ghost, int) or isinstance(ghost, bool) or ghost < 1:
-            raise SpecError(f"bn ghost batch must be a positive integer, got {ghost!r}")
+        if (ghost is None) == (splits is None):
+            raise SpecError(f"ghost BatchNorm takes one of ghost=G (samples per part) or splits=K (parts per "
+                            f"batch), got ghost={ghost!r}, splits={splits!r}")
+        for name, value in (("ghost", ghost), ("splits", splits)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise SpecError(f"bn {name} must be a positive integer, got {value!r}")
         self.ghost = ghost
+        self.splits = splits
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, ghost={self.ghost}"
+        part = f"ghost={self.ghost}" if self.ghost is not None else f"splits={self.splits}"
+        return f"{super().extra_repr()}, {part}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W)
         if not self.training:
             return super().forward(x)
+        n = x.shape[0]
+        if self.ghost is not None:
+            if n % self.ghost:
+                raise SpecError(f"norm 'bn:ghost={self.ghost}' got a training batch of {n} samples, which does "
+                                f"not split into groups of {self.ghost}; use a batch size (and a last batch) "
+                                f"that {self.ghost} divides, or bn:splits=K")
+            return self._equal_parts(x, n // self.ghost)
+        if n % self.splits == 0:
+            return self._equal_parts(x, self.splits)
+        parts = [p for p in torch.tensor_split(x, self.splits) if p.shape[0]]
+        if self.track_running_stats:
+            with torch.no_grad():
+                stats = [torch.var_mean(p.float(), dim=[0, *range(2, p.dim())], correction=1) for p in parts]
+            self._update_running(torch.stack([m for _, m in stats]), torch.stack([v for v, _ in stats]))
+        return torch.cat([F.batch_norm(p, None, None, self.weight, self.bias, training=True, momentum=0.0,
+                                       eps=self.eps) for p in parts])
+
+    def _equal_parts(self, x: torch.Tensor, k: int) -> torch.Tensor:
         n, c = x.shape[:2]
-        if n % self.ghost:
-            raise SpecError(f"norm 'bn:ghost={self.ghost}' got a training batch of {n} samples, which does not "
-                            f"split into groups of {self.ghost}; use a batch size (and a last batch) that "
-                            f"{self.ghost} divides")
-        k = n // self.ghost
-        # (N, C, H, W) -> (G, k*C, H, W): channel j of group i becomes channel i*C + j, so one
-        # batch_norm call computes every group's statistics over its own G samples.
-        grouped = x.reshape(k, self.ghost, c, *x.shape[2:]).transpose(0, 1).reshape(self.ghost, k * c, *x.shape[2:])
+        g = n // k
+        # (N, C, H, W) -> (G, k*C, H, W): channel j of part i becomes channel i*C + j, so one
+        # batch_norm call computes every part's statistics over its own G samples.
+        grouped = x.reshape(k, g, c, *x.shape[2:]).transpose(0, 1).reshape(g, k * c, *x.shape[2:])
         weight = self.weight.repeat(k) if self.weight is not None else None
         bias = self.bias.repeat(k) if self.bias is not None else None
         y = F.batch_norm(grouped, None, None, weight, bias, training=True, momentum=0.0, eps=self.eps)
         if self.track_running_stats:
             with torch.no_grad():
                 var, mean = torch.var_mean(grouped.float(), dim=[0, *range(2, grouped.dim())], correction=1)
-                self.num_batches_tracked.add_(1)
-                factor = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
-                self.running_mean.lerp_(mean.view(k, c).mean(0).to(self.running_mean.dtype), factor)
-                self.running_var.lerp_(var.view(k, c).mean(0).to(self.running_var.dtype), factor)
-        return y.reshape(self.ghost, k, c, *x.shape[2:]).transpose(0, 1).reshape(x.shape)
+            self._update_running(mean.view(k, c), var.view(k, c))
+        return y.reshape(g, k, c, *x.shape[2:]).transpose(0, 1).reshape(x.shape)
+
+    @torch.no_grad()
+    def _update_running(self, means: torch.Tensor, variances: torch.Tensor) -> None:  # (parts, C) each
+        self.num_batches_tracked.add_(1)
+        factor = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
+        self.running_mean.lerp_(means.mean(0).to(self.running_mean.dtype), factor)
+        self.running_var.lerp_(variances.mean(0).to(self.running_var.dtype), factor)
 
 
 @dataclass(frozen=True)
@@ -265,17 +298,27 @@ def register_norm(entry: NormEntry) -> NormEntry:
     return _REGISTRY.register(entry.name, entry)
 
 
-def _build_bn(num_channels: int, momentum: float = 0.1, eps: float = 1e-5, ghost: int | None = None) -> nn.Module:
-    if ghost is None:
+def _check_bn(spec: Spec, kwargs: dict) -> None:
+    if "ghost" in kwargs and "splits" in kwargs:
+        raise SpecError(
+            f"norm {spec.text or spec.name!r} sets both ghost={kwargs['ghost']} and splits={kwargs['splits']}; "
+            "give one: bn:ghost=G (G samples per part) or bn:splits=K (K parts per batch), or plain bn"
+        )
+
+
+def _build_bn(num_channels: int, momentum: float = 0.1, eps: float = 1e-5, ghost: int | None = None,
+              splits: int | None = None) -> nn.Module:
+    if ghost is None and splits is None:
         return nn.BatchNorm2d(num_channels, eps=eps, momentum=momentum)
-    return GhostBatchNorm2d(num_channels, ghost, eps=eps, momentum=momentum)
+    return GhostBatchNorm2d(num_channels, ghost, eps=eps, momentum=momentum, splits=splits)
 
 
 register_norm(NormEntry(
     "bn", "BatchNorm2d: batch statistics in training, running averages in eval; bn:ghost=G = statistics "
-          "per group of G samples, as per-device BN on G-sample devices (Hoffer et al. 2017)",
-    {"momentum": unit_float, "eps": positive_float, "ghost": positive_int},
-    _build_bn,
+          "per group of G samples, as per-device BN on G-sample devices (Hoffer et al. 2017); bn:splits=K = "
+          "statistics per part of the batch cut in K, as per-device BN on K devices",
+    {"momentum": unit_float, "eps": positive_float, "ghost": positive_int, "splits": positive_int},
+    _build_bn, _check_bn,
 ))
 register_norm(NormEntry(
     "gn", "GroupNorm: plain gn = at most 32 groups of >= 16 channels (C=16/32/64 -> 1/2/4 groups, "

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import EXECUTION_FIELDS, TrainConfig, config_from_dict, describe_differences, resume_conflicts
+from .config import EXECUTION_FIELDS, PROGRESS, TrainConfig, config_from_dict, describe_differences, resume_conflicts
 from .data import Dataset, load_dataset
 from .diagnose import count_params
-from .errors import SpecError
+from .errors import SpecError, choices_error
 from .fileio import append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text, read_jsonl, rewrite_jsonl
 from .inits import init_weights, parse_policy
 from .models import build_model
@@ -134,7 +134,7 @@ def _check_ghost_batches(model: nn.Module, cfg: TrainConfig, num_train: int, wor
     short last one of an epoch included, or the run is refused before its first step."""
     from .norms import GhostBatchNorm2d
 
-    ghosts = sorted({m.ghost for m in model.modules() if isinstance(m, GhostBatchNorm2d)})
+    ghosts = sorted({m.ghost for m in model.modules() if isinstance(m, GhostBatchNorm2d) and m.ghost is not None})
     per_rank = cfg.batch_size // world_size
     last = num_train % cfg.batch_size if world_size == 1 else 0  # DDP drops the short last batch
     for g in ghosts:
@@ -569,14 +569,19 @@ def _abort_group() -> None:
         pass
 
 
-def train(config: TrainConfig | dict[str, Any], dist: Dist | None = None) -> RunResult:
+def train(config: TrainConfig | dict[str, Any], dist: Dist | None = None, *, progress: str | None = None) -> RunResult:
     """Run ``config`` to the end; bad input raises SpecError before anything is written.
+
+    ``progress`` overrides how this call shows its progress (``cfg.progress``'s choices)
+    without changing the config the run records: a sweep shows one bar for all its runs.
 
     Under torchrun, a rank whose run breaks records the failure, aborts the process
     group and raises :class:`RunFailed`, so its exit ends the job at once instead
     of leaving the other ranks blocked in a collective until the timeout.
     """
     cfg = config if isinstance(config, TrainConfig) else config_from_dict(config)
+    if progress is not None and progress not in PROGRESS:
+        raise choices_error("progress", progress, PROGRESS)
     dist = dist or Dist.from_env()
     check_config(cfg)
     check_world_size(cfg, dist)
@@ -586,7 +591,7 @@ def train(config: TrainConfig | dict[str, Any], dist: Dist | None = None) -> Run
         torch.cuda.set_device(device)
     created_group = dist.init(device)
     try:
-        return _train(cfg, dist, device)
+        return _train(cfg, dist, device, progress or cfg.progress)
     except RunFailed:
         created_group = False  # aborted already
         raise
@@ -595,7 +600,7 @@ def train(config: TrainConfig | dict[str, Any], dist: Dist | None = None) -> Run
             torch.distributed.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, dist: Dist, device: torch.device) -> RunResult:
+def _train(cfg: TrainConfig, dist: Dist, device: torch.device, progress_mode: str) -> RunResult:
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     if cfg.out is None:
         cfg = config_from_dict({"out": str(out)}, cfg)
@@ -622,7 +627,7 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device) -> RunResult:
         rewrite_jsonl(out / STEPS_FILE, [r for r in read_jsonl(out / STEPS_FILE) if r.get("step", 0) <= trainer.step])
     else:
         rows = []
-    progress = _Progress(cfg.progress, trainer.steps_per_epoch * (cfg.epochs - trainer.epoch), dist.is_main)
+    progress = _Progress(progress_mode, trainer.steps_per_epoch * (cfg.epochs - trainer.epoch), dist.is_main)
     status, diverged_at, error = "completed", None, None
     started = time.perf_counter()
     wall_before = trainer.wall_time_s  # earlier sessions of this run, up to its checkpoint
