@@ -117,3 +117,55 @@ def test_sweep_prints_one_line_per_finished_run_with_its_numbers(capsys, tmp_pat
     assert [line.split(":")[0] for line in lines] == ["[1/2] lr=0.01-seed=0", "[2/2] lr=0.02-seed=0"]
     summary = json.loads((tmp_path / "sweep" / "lr=0.01-seed=0" / "summary.json").read_text())
     assert f"completed, test acc {summary['final_eval_acc']:.4f}, " in lines[0] and lines[0].endswith(" s")
+
+
+def _sweep_argv(out):
+    return ["sweep", "--model", "mlp", "--dataset", SYNTH, "--epochs", "2", "--batch-size", "32",
+            "--lr", "0.01,0.02", "--out", str(out)]
+
+
+def test_runs_in_a_sweep_print_their_epochs_only_with_verbose(capsys, tmp_path):
+    code, _, err = cli(capsys, *_sweep_argv(tmp_path / "quiet"))
+    assert code == 0
+    assert "epoch 1/2" not in err and "data:" not in err
+    assert sum(line.startswith("[") for line in err.splitlines()) == 2
+    code, _, err = cli(capsys, "--verbose", *_sweep_argv(tmp_path / "loud"))
+    assert code == 0
+    assert err.count("epoch 1/2") == 2 and err.count("epoch 2/2") == 2 and err.count("data:") == 2
+    # an explicit --progress is the user's choice and is kept
+    code, _, err = cli(capsys, *_sweep_argv(tmp_path / "log"), "--progress", "log")
+    assert code == 0 and err.count("epoch 2/2") == 2
+
+
+def _on_a_terminal(argv, cwd):
+    """Run reslab with stdout and stderr on a pseudo-terminal of 100 columns; what it printed."""
+    pty, fcntl, termios = (pytest.importorskip(m) for m in ("pty", "fcntl", "termios"))
+    import os
+    import struct
+    import subprocess
+    import sys
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "reslab", *argv], stdin=follower, stdout=follower,
+                            stderr=follower, cwd=cwd)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert proc.wait(timeout=120) == 0, b"".join(chunks).decode(errors="replace")
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_a_sweep_on_a_terminal_shows_one_bar_for_all_its_runs(tmp_path):
+    shown = _on_a_terminal(_sweep_argv(tmp_path / "s"), tmp_path)
+    assert "sweep:" in shown and "/2 [" in shown and "run" in shown  # tqdm's "sweep: 50%|...| 1/2 [..., s/run]"
+    assert "epoch 1/2" not in shown and "step" not in shown  # no bar or line per run
+    assert "[1/2] lr=0.01-seed=0: completed" in shown and "[2/2] lr=0.02-seed=0: completed" in shown

@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import gc
 import hashlib
 import itertools
@@ -33,7 +34,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,13 +207,34 @@ def _prepared(run: Run) -> TrainConfig:
     return config_from_dict({"resume": started}, run.config)
 
 
+@contextlib.contextmanager
+def _run_output(cfg: TrainConfig) -> Iterator[str | None]:
+    """How a run inside a sweep shows itself: with ``--progress auto`` (the default), its
+    data line and one line per epoch under ``--verbose`` and nothing but warnings
+    otherwise (the sweep prints a line per finished run); any other --progress as asked."""
+    if cfg.progress != "auto":
+        yield None
+        return
+    if log.isEnabledFor(logging.DEBUG):
+        yield "log"
+        return
+    run_log = logging.getLogger("reslab.train")
+    level = run_log.level
+    run_log.setLevel(logging.WARNING)
+    try:
+        yield "none"
+    finally:
+        run_log.setLevel(level)
+
+
 def _execute(cfg_dict: dict[str, Any]) -> tuple[str, str]:
     from .train import train
 
     cfg = config_from_dict(cfg_dict)
     error = None
     try:
-        return cfg.out, train(cfg).status
+        with _run_output(cfg) as progress:
+            return cfg.out, train(cfg, progress=progress).status
     except SpecError as exc:  # e.g. a dataset that went missing mid-sweep
         log.error("run %s: %s", cfg.out, exc)
         return cfg.out, "failed"
@@ -374,6 +396,23 @@ def run_submitit(configs: list[TrainConfig], jobs: int, on_done: Callable[[str, 
 LAUNCHERS: dict[str, Callable[..., None]] = {"local": run_local, "submitit": run_submitit}
 
 
+@contextlib.contextmanager
+def _sweep_bar(total: int) -> Iterator[Callable[[], None]]:
+    """One progress bar for the whole sweep on a terminal (runs done of ``total``, elapsed,
+    time left), with the per-run lines printed above it; nothing extra elsewhere, or with
+    ``--verbose``, where each run prints its own epoch lines."""
+    if not (total and sys.stderr.isatty() and log.isEnabledFor(logging.INFO)
+            and not log.isEnabledFor(logging.DEBUG)):
+        yield lambda: None
+        return
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm(loggers=[logging.getLogger("reslab")]), \
+            tqdm(total=total, unit="run", desc="sweep", dynamic_ncols=True, leave=False) as bar:
+        yield lambda: bar.update(1)
+
+
 def sweep(
     base: Mapping[str, Any],
     grid: Mapping[str, Sequence[Any]],
@@ -431,15 +470,17 @@ def sweep(
     atomic_write_text(out / SWEEP_PLAN, yaml.safe_dump(plan, sort_keys=False))
     by_out = {run.config.out: run.run_id for run in runs}
 
-    def on_done(run_out: str, status: str) -> None:
-        result.statuses[by_out[run_out]] = status
-        log.info("[%d/%d] %s: %s%s", len(result.statuses), len(runs), by_out[run_out], status,
-                 _run_numbers(Path(run_out)))
+    with _sweep_bar(len(todo)) as advance:
+        def on_done(run_out: str, status: str) -> None:
+            result.statuses[by_out[run_out]] = status
+            log.info("[%d/%d] %s: %s%s", len(result.statuses), len(runs), by_out[run_out], status,
+                     _run_numbers(Path(run_out)))
+            advance()
 
-    if launcher == "local":
-        run_local(todo, jobs, on_done)
-    else:
-        LAUNCHERS[launcher](todo, jobs, on_done, launcher_options)
+        if launcher == "local":
+            run_local(todo, jobs, on_done)
+        else:
+            LAUNCHERS[launcher](todo, jobs, on_done, launcher_options)
     for run in runs:  # a run whose job was lost counts as failed
         if run.run_id not in result.statuses:
             result.statuses[run.run_id] = run_status(Path(run.config.out)) or "failed"
