@@ -79,6 +79,8 @@ def test_every_run_records_steps_and_resume_adds_no_duplicates(capsys, tmp_path)
     ({"verdict": {"checks": []}}, "non-empty list 'checks'"),
     ({"seeds": "0,1"}, "'seeds' must be a non-empty list"),
     ({"grid": {"norm": []}}, "grid axis 'norm'"),
+    ({"jobs": 0}, "'jobs' must be a positive integer"),
+    ({"jobs": "two"}, "'jobs' must be a positive integer"),
 ])
 def test_bad_study_files_are_one_line_and_write_nothing(capsys, tmp_path, change, fragment):
     file = write_study(tmp_path / "bad.yaml", ['mean(norm="bn") >= 0.5'])
@@ -169,3 +171,30 @@ def test_a_sweep_on_a_terminal_shows_one_bar_for_all_its_runs(tmp_path):
     assert "sweep:" in shown and "/2 [" in shown and "run" in shown  # tqdm's "sweep: 50%|...| 1/2 [..., s/run]"
     assert "epoch 1/2" not in shown and "step" not in shown  # no bar or line per run
     assert "[1/2] lr=0.01-seed=0: completed" in shown and "[2/2] lr=0.02-seed=0: completed" in shown
+
+
+def test_a_study_runs_with_its_own_jobs_unless_told_otherwise(capsys, tmp_path, monkeypatch):
+    from reslab import sweep as sweep_module
+
+    seen = []
+    monkeypatch.setattr(sweep_module, "run_local", lambda configs, jobs, on_done: seen.append(jobs))
+    file = write_study(tmp_path / "mine.yaml", ['mean(norm="bn") >= 0.5'], jobs=2)
+    cli(capsys, "study", file, "--out", tmp_path / "a")
+    cli(capsys, "study", file, "--out", tmp_path / "b", "--jobs", "1")
+    assert seen == [2, 1]
+    code, out, _ = cli(capsys, "study", file, "--print-config")
+    assert code == 0 and "jobs: 2" in out
+
+
+def test_lr_base_size_scales_the_rate_with_the_batch_and_the_report_says_so(capsys, tmp_path):
+    code, _, err = cli(capsys, "sweep", "--model", "mlp", "--dataset", SYNTH, "--epochs", "1", "--batch-size", "32,64",
+                       "--lr", "0.1", "--lr-base-size", "256", "--log-every", "1", "--out", tmp_path / "s")
+    assert code == 0, err
+    for batch in (32, 64):
+        steps = [json.loads(line) for line in (tmp_path / "s" / f"batch_size={batch}-seed=0" / "steps.jsonl")
+                 .read_text().splitlines()]
+        assert [row["lr"] for row in steps] == pytest.approx([0.1 * batch / 256] * len(steps))
+    assert "lr_base_size" in (tmp_path / "s" / "report.md").read_text()
+    code, _, err = cli(capsys, "train", "--lr-base-size", "0", "--out", tmp_path / "bad")
+    assert code == 2 and "--lr-base-size must be at least 1, got 0" in err.replace(" (a batch size)", "")
+    assert not (tmp_path / "bad").exists()

@@ -223,7 +223,9 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser, *, study: bool = False
     parser.add_argument("--out", default=argparse.SUPPRESS, metavar="DIR",
                         help="sweep directory: one run directory per grid point and seed"
                         + ("; default studies/NAME" if study else "; default sweeps/sweep"))
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once (one per GPU where there are several)")
+    parser.add_argument("--jobs", type=int, default=argparse.SUPPRESS if study else 1,
+                        help="runs at once (one per GPU where there are several)"
+                        + ("; default: the study's" if study else "; default 1"))
     parser.add_argument("--launcher", default="local",
                         help="where runs execute: local (this machine) or submitit (Slurm, or local processes without it)")
     parser.add_argument("--launcher-option", action="append", default=[], metavar="KEY=VALUE",
@@ -321,12 +323,14 @@ def _study_plan(args: argparse.Namespace):
     plan_base.update(base)
     seeds = _seeds(args.seeds) if hasattr(args, "seeds") else list(study.seeds)
     out = getattr(args, "out", None) or f"studies/{study.name}"
-    return study, plan_base, plan_grid, seeds, out
+    jobs = args.jobs if hasattr(args, "jobs") else study.jobs
+    return study, plan_base, plan_grid, seeds, out, jobs
 
 
 def _resolve_study(args: argparse.Namespace) -> dict[str, Any]:
-    study, base, grid, seeds, out = _study_plan(args)
-    return {"study": study.name, "claim": study.claim, "base": base, "grid": grid, "seeds": seeds, "out": out}
+    study, base, grid, seeds, out, jobs = _study_plan(args)
+    return {"study": study.name, "claim": study.claim, "base": base, "grid": grid, "seeds": seeds, "out": out,
+            "jobs": jobs}
 
 
 @command("study", "run a named, documented sweep and report that reproduces a claim", _add_study_arguments,
@@ -337,11 +341,11 @@ def run_study(args: argparse.Namespace) -> int:
 
     from .studies import write_study
 
-    study, base, grid, seeds, out = _study_plan(args)
+    study, base, grid, seeds, out, jobs = _study_plan(args)
     print(f"study {study.name}: {study.claim}")
     if study.notes:
         print(f"  {study.notes}")
-    result = sweep(base, grid, seeds=seeds, out=out, jobs=args.jobs, launcher=args.launcher,
+    result = sweep(base, grid, seeds=seeds, out=out, jobs=jobs, launcher=args.launcher,
                    launcher_options=parse_key_values(args.launcher_option, "launcher option"), write_report=False,
                    restart=args.restart)
     # The study as it ran (overrides included) goes beside its runs: the report, now and

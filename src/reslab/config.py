@@ -57,6 +57,8 @@ class TrainConfig:
     batch_size: int = _f(128, "global batch size (split across ranks under torchrun)")
     optimizer: str = _f("sgd", "sgd, adam or adamw", choices=OPTIMIZERS)
     lr: float = _f(0.1, "peak learning rate")
+    lr_base_size: int | None = _f(None, "scale --lr linearly with the batch (Goyal et al. 2017): --lr is the rate "
+                                        "for a batch of this size, the run uses lr * batch_size / lr_base_size")
     momentum: float = _f(0.9, "SGD momentum (beta1 for adam/adamw)")
     nesterov: bool = _f(False, "Nesterov momentum for SGD")
     weight_decay: float = _f(5e-4, "weight decay (decoupled for adamw)")
@@ -97,6 +99,10 @@ class TrainConfig:
         """What an init policy mapping says of zero_init_residual (None: nothing)."""
         return self.init.get("zero_init_residual") if isinstance(self.init, dict) else None
 
+    def effective_lr(self) -> float:
+        """The peak learning rate the run uses: ``lr``, scaled with the batch under ``lr_base_size``."""
+        return self.lr if self.lr_base_size is None else self.lr * self.batch_size / self.lr_base_size
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -120,6 +126,8 @@ class TrainConfig:
                 raise SpecError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise SpecError(f"--lr must be positive, got {self.lr}")
+        if self.lr_base_size is not None and self.lr_base_size < 1:
+            raise SpecError(f"--lr-base-size must be at least 1 (a batch size), got {self.lr_base_size}")
         if self.nesterov and self.optimizer == "sgd" and self.momentum == 0:
             raise SpecError("--nesterov needs --momentum > 0")
         if self.momentum >= 1:

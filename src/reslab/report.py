@@ -170,8 +170,8 @@ def report(directory: str | Path, *, group_by: str | Sequence[str] | None = None
 # --- what was run -----------------------------------------------------------------------------
 
 # The settings a reader needs to know to judge the numbers, in this order.
-SETUP_FIELDS = ("model", "norm", "init", "dataset", "epochs", "batch_size", "optimizer", "lr", "momentum",
-                "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "val_split", "precision")
+SETUP_FIELDS = ("model", "norm", "init", "dataset", "epochs", "batch_size", "optimizer", "lr", "lr_base_size",
+                "momentum", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "val_split", "precision")
 
 
 def describe_setup(root: Path, runs: list[Run], group_fields: list[str], study: Study | None) -> dict[str, Any]:
@@ -181,7 +181,7 @@ def describe_setup(root: Path, runs: list[Run], group_fields: list[str], study: 
         if name in group_fields:
             continue
         values = {_value(r, name) for r in runs}
-        if len(values) == 1:
+        if len(values) == 1 and values != {None}:  # (None: an option left unset, e.g. no lr scaling)
             fixed[name] = next(iter(values))
     seeds = sorted({r.config.get("seed", 0) for r in runs})
     sizes = sorted({(r.summary.get("num_train"), r.summary.get("num_eval")) for r in runs

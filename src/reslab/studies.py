@@ -7,6 +7,7 @@ A study is data, one YAML file: ``reslab study NAME`` runs a shipped one
     claim: BatchNorm loses at least 10 points from batch 32 to 2 while GroupNorm moves by less than 3
     source: Wu & He 2018, Figure 1          # optional
     budget_s: 300                           # optional: what it takes on 2 CPU cores
+    jobs: 2                                 # optional: runs at once by default (--jobs overrides)
     notes: ...                              # optional
     base: {model: simple_cnn, dataset: mnist5k, epochs: 2, ...}   # any train option
     grid: {norm: [bn, gn], batch_size: [32, 16, 8, 4, 2]}       # the axes of the sweep
@@ -37,7 +38,7 @@ from .verdict import DEFAULT_METRIC, RunResult, Verdict, evaluate, parse_check
 
 STUDY_DIR = Path(__file__).parent / "configs" / "studies"
 STUDY_FILE, VERDICT_FILE = "study.yaml", "verdict.json"
-_KEYS = ("name", "claim", "source", "budget_s", "notes", "base", "grid", "seeds", "verdict")
+_KEYS = ("name", "claim", "source", "budget_s", "jobs", "notes", "base", "grid", "seeds", "verdict")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Study:
     source: str = ""
     notes: str = ""
     budget_s: float | None = None  # wall time on 2 CPU cores with the offline defaults
+    jobs: int = 1  # runs at once unless --jobs says otherwise (each with cpu_count / jobs threads)
     path: Path | None = field(default=None, compare=False)
 
     @property
@@ -66,6 +68,8 @@ class Study:
             data["source"] = self.source
         if self.budget_s is not None:
             data["budget_s"] = self.budget_s
+        if self.jobs != 1:
+            data["jobs"] = self.jobs
         if self.notes:
             data["notes"] = self.notes
         data.update({"base": dict(self.base), "grid": {k: list(v) for k, v in self.grid.items()},
@@ -110,10 +114,13 @@ def study_from_dict(data: Mapping[str, Any], where: str) -> Study:
     budget = data.get("budget_s")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
         raise SpecError(f"study {where}: 'budget_s' must be a positive number of seconds")
+    jobs = data.get("jobs", 1)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise SpecError(f"study {where}: 'jobs' must be a positive integer (runs at once), got {jobs!r}")
     return Study(name=name, claim=claim, base=dict(base), grid={k: list(v) for k, v in grid.items()}, checks=checks,
                  seeds=tuple(seeds), metric=str(verdict.get("metric", DEFAULT_METRIC)),
                  source=str(data.get("source") or ""), notes=" ".join(str(data.get("notes") or "").split()),
-                 budget_s=float(budget) if budget is not None else None)
+                 budget_s=float(budget) if budget is not None else None, jobs=jobs)
 
 
 def load_study_file(path: str | Path) -> Study:

@@ -258,7 +258,7 @@ class Trainer:
             self.net = torch.compile(self.net, dynamic=False)
         self.steps_per_epoch = self.data.steps_per_epoch(cfg.batch_size, drop_last=self.dist.world_size > 1)
         self.optimizer = make_optimizer(
-            model, cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+            model, cfg.optimizer, lr=cfg.effective_lr(), momentum=cfg.momentum, weight_decay=cfg.weight_decay,
             nesterov=cfg.nesterov, decay_norm_and_bias=cfg.decay_norm_and_bias,
         )
         self.scheduler = make_scheduler(
