@@ -134,7 +134,7 @@ class Row:
 class ReslabSide:
     """reslab's real training path: a Trainer, driven through ``train_epoch``."""
 
-    def __init__(self, args, precision: str, channels_last: bool, out: Path):
+    def __init__(self, args, precision: str, channels_last: str, out: Path):
         from reslab.config import TrainConfig
         from reslab.train import Trainer, check_config, resolve_device
 
@@ -148,8 +148,9 @@ class ReslabSide:
         check_config(self.cfg)
         self.device = resolve_device(self.cfg.device)
         self.trainer = Trainer(self.cfg, out, self.device)
-        layout = "channels_last" if channels_last else "NCHW"
-        self.row = Row("reslab", f"reslab {precision} {layout}", precision)
+        layout = "channels_last" if self.trainer.channels_last else "NCHW"
+        what = f"defaults ({layout})" if channels_last == "auto" else layout
+        self.row = Row("reslab", f"reslab {precision} {what}", precision)
 
     def run(self, steps: int) -> tuple[float, int]:
         """``steps`` optimizer steps from the start of a fresh epoch; returns (seconds, images)."""
@@ -323,7 +324,7 @@ def pipeline_only(reslab: ReslabSide, baseline: BaselineSide, steps: int) -> dic
     seen = 0
     for epoch in range(10**6):
         for i, (x, y) in enumerate(data.train_batches(cfg.batch_size, epoch=10**5 + epoch, seed=cfg.seed,
-                                                      channels_last=cfg.channels_last)):
+                                                      channels_last=reslab.trainer.channels_last)):
             seen += y.numel()
             if epoch * reslab.trainer.steps_per_epoch + i + 1 == steps:
                 break
@@ -391,9 +392,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="timed windows per configuration, interleaved")
     p.add_argument("--precision", default="fp32",
                    help="reslab side: fp32, bf16 or fp16 (the last two CUDA only); a comma list gives one row each")
-    p.add_argument("--channels-last", nargs="?", const="on", default="both", choices=("on", "off", "both"),
-                   help="reslab side: NHWC memory format (`both`: one row with, one without; the first row, "
-                        "channels_last, is the one the speedup line compares)")
+    p.add_argument("--channels-last", nargs="?", const="on", default="both", choices=("auto", "on", "off", "both"),
+                   help="reslab side: NHWC memory format, as `reslab train --channels-last` (`both`: one row with "
+                        "reslab's defaults, auto, and one with NCHW; the first row, the defaults, is the one the "
+                        "speedup line compares)")
     p.add_argument("--workers", default="0",
                    help="baseline DataLoader num_workers; a comma list gives one baseline row each")
     p.add_argument("--lr", type=float, default=0.1)
@@ -424,7 +426,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.warmup_steps is None:
         args.warmup_steps = 50 if cuda else 4
     args.precisions = [s.strip() for s in args.precision.split(",") if s.strip()]
-    args.layouts = {"on": [True], "off": [False], "both": [True, False]}[args.channels_last]
+    args.layouts = {"auto": ["auto"], "on": ["on"], "off": ["off"], "both": ["auto", "off"]}[args.channels_last]
     args.worker_list = [int(w) for w in str(args.workers).split(",") if w.strip()]
     args.matmul_size = args.matmul_size or (8192 if cuda else 2048)
     steps_per_epoch = math.ceil(args.images / args.batch_size)

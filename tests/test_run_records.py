@@ -324,13 +324,54 @@ def test_no_decay_on_norms_and_biases(tmp_path):
 
 
 def test_channels_last_gives_the_same_run(tmp_path):
-    nchw = train(tiny(tmp_path / "a", epochs=1))
+    nchw = train(tiny(tmp_path / "a", epochs=1, channels_last="off"))
+    assert nchw.summary["channels_last"] is False
     trainer = Trainer(tiny(tmp_path / "b", epochs=1, channels_last=True), tmp_path / "b", torch.device("cpu"))
     conv = next(p for p in trainer.model.parameters() if p.ndim == 4 and p.shape[1] > 1)
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     nhwc = train(tiny(tmp_path / "b", epochs=1, channels_last=True))
+    assert nhwc.summary["channels_last"] is True
     assert nhwc.summary["first_step_loss"] == pytest.approx(nchw.summary["first_step_loss"], rel=1e-5)
     assert nhwc.summary["final_train_loss"] == pytest.approx(nchw.summary["final_train_loss"], rel=1e-3)
+
+
+def test_channels_last_auto_is_on_for_convolutional_models_only(tmp_path):
+    assert TrainConfig().channels_last == "auto"
+    cases = (("simple_cnn", "gn", True), ("cifar_resnet20", "bn", True), ("cifar_resnet20", "ln", True),
+             ("mlp", "none", False),
+             # GroupNorm with < 8 channels per group is slower in NHWC: instance norm, 16 groups of 1 or 2
+             ("cifar_resnet20", "in", False), ("simple_cnn", "gn:8", False), ("simple_cnn", "gn:cpg=8", True))
+    for model, norm, expected in cases:
+        out = tmp_path / f"{model}-{norm}"
+        trainer = Trainer(tiny(out, model=model, norm=norm), out, torch.device("cpu"))
+        assert trainer.channels_last is expected, (model, norm)
+        conv = [p for p in trainer.model.parameters() if p.ndim == 4 and p.shape[1] > 1]
+        assert bool(conv) == (model != "mlp")
+        assert all(p.is_contiguous(memory_format=torch.channels_last) is expected for p in conv), (model, norm)
+    result = train(tiny(tmp_path / "run", epochs=1))
+    assert result.summary["channels_last"] is True
+
+
+@pytest.mark.parametrize("given, expected", [(["--channels-last"], "on"), (["--no-channels-last"], "off"),
+                                             (["--channels-last", "auto"], "auto"), (["--channels-last", "off"], "off"),
+                                             ([], "auto")])
+def test_channels_last_flag_takes_auto_on_off(capsys, given, expected):
+    from reslab.cli import main
+
+    assert main(["train", *given, "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["channels_last"] == expected  # quoted: YAML 1.1 reads on as true
+
+
+def test_channels_last_bad_value_and_earlier_boolean_configs(capsys, tmp_path):
+    from reslab.cli import main
+    from reslab.config import config_from_dict
+
+    assert main(["train", "--channels-last", "maybe", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "'maybe'" in err and "auto, off, on" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+    assert config_from_dict({"channels_last": False}).channels_last == "off"  # config.yaml written before auto
+    assert config_from_dict({"channels_last": True}).channels_last == "on"
 
 
 def test_val_split_evaluates_on_held_out_train_and_reports_its_best_epoch(tmp_path):

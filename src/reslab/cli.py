@@ -173,6 +173,11 @@ def add_config_flags(parser: argparse.ArgumentParser, *, as_lists: bool = False)
         if field_type(f) is bool and not as_lists:
             parser.add_argument(flag_name, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text + default_text)
+        elif f.metadata.get("switch") and not as_lists:  # --channels-last [auto|on|off], --no-channels-last
+            parser.add_argument(flag_name, dest=f.name, nargs="?", const="on", default=argparse.SUPPRESS,
+                                metavar="|".join(f.metadata["choices"]), help=help_text + default_text)
+            parser.add_argument("--no-" + flag_name[2:], dest=f.name, action="store_const", const="off",
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         else:
             metavar = "V[,V...]" if as_lists else f.name.upper()
             parser.add_argument(flag_name, dest=f.name, default=argparse.SUPPRESS, metavar=metavar,

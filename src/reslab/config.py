@@ -23,6 +23,7 @@ from .errors import SpecError, choices_error
 OPTIMIZERS = ("sgd", "adam", "adamw")
 PRECISIONS = ("fp32", "bf16", "fp16")
 PROGRESS = ("auto", "bar", "log", "none")
+CHANNELS_LAST = ("auto", "on", "off")
 STEMS = ("imagenet", "cifar")
 SHORTCUTS = ("A", "B")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
@@ -73,7 +74,10 @@ class TrainConfig:
     # -- execution --
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     precision: str = _f("fp32", "fp32, or bf16/fp16 autocast (CUDA only)", choices=PRECISIONS)
-    channels_last: bool = _f(False, "NHWC memory format (faster convolutions on GPUs and recent CPUs)")
+    channels_last: str = _f("auto", "NHWC memory format: auto (on for models with convolutions, where oneDNN and "
+                                    "cuDNN run them faster, unless a GroupNorm has < 8 channels per group, as "
+                                    "in: slower in NHWC; off for the MLP), on or off",
+                            choices=CHANNELS_LAST, switch=True)
     compile: bool = _f(False, "torch.compile the model (slower start, faster steps)")
     sync_bn: bool = _f(False, "convert BatchNorm to SyncBatchNorm under torchrun (GPU only)")
     eval_batch_size: int = _f(1024, "batch size for evaluation")
@@ -82,6 +86,10 @@ class TrainConfig:
     resume: bool = _f(False, "continue the run in --out from its last checkpoint")
     progress: str = _f("auto", "auto (a bar on a terminal, log lines otherwise), bar, log or none",
                        choices=PROGRESS)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.channels_last, bool):  # TrainConfig(channels_last=True), as before auto existed
+            self.channels_last = "on" if self.channels_last else "off"
 
     # -- derived --
     def model_options(self) -> dict[str, Any]:
@@ -258,6 +266,11 @@ def coerce(f: dataclasses.Field, value: Any) -> Any:
             return result
     except (TypeError, ValueError):
         raise SpecError(f"bad value {value!r} for {flag(f.name)}: expected {tp.__name__}") from None
+    if f.metadata.get("switch"):  # auto/on/off; a boolean (config.yaml of earlier versions) is on or off
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        lowered = str(value).strip().lower()
+        return {"true": "on", "yes": "on", "1": "on", "false": "off", "no": "off", "0": "off"}.get(lowered, lowered)
     return str(value)
 
 
