@@ -29,7 +29,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma list of study names (default: all)")
     parser.add_argument("--out", default=None, help="where the study directories go (default: a new temp dir)")
-    parser.add_argument("--jobs", type=int, default=1, help="passed to reslab study --jobs")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="passed to reslab study --jobs (default: each study's own, as a user gets it)")
     args = parser.parse_args()
 
     studies = shipped_studies()
@@ -39,14 +40,14 @@ def main() -> int:
         print(f"unknown study {unknown[0]!r}; valid choices: {', '.join(studies)}", file=sys.stderr)
         return 2
     root = Path(args.out or tempfile.mkdtemp(prefix="reslab-studies-"))
-    print(f"studies into {root}, {os.cpu_count()} CPU cores, --jobs {args.jobs}")
+    print(f"studies into {root}, {os.cpu_count()} CPU cores, --jobs {args.jobs or 'as each study says'}")
     rows = []
     for name in names:
         out = root / name
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "reslab", "study", name, "--out", str(out),
-                               "--jobs", str(args.jobs), "--progress", "none"],
-                              capture_output=True, text=True)
+        jobs = ["--jobs", str(args.jobs)] if args.jobs else []
+        done = subprocess.run([sys.executable, "-m", "reslab", "study", name, "--out", str(out), *jobs,
+                               "--progress", "none"], capture_output=True, text=True)
         seconds = time.perf_counter() - started
         verdict_file = out / "verdict.json"
         verdict = json.loads(verdict_file.read_text())["verdict"] if verdict_file.is_file() else \
@@ -56,10 +57,11 @@ def main() -> int:
         print(f"  {name}: {seconds:.0f} s, {verdict}", flush=True)
 
     print()
-    print(f"{'study':<12} {'wall s':>8} {'budget s':>9} {'wall/budget':>12}  verdict")
+    print(f"{'study':<12} {'jobs':>4} {'wall s':>8} {'budget s':>9} {'wall/budget':>12}  verdict")
     for name, seconds, budget, verdict in rows:
         ratio = f"{seconds / budget:.2f}" if budget else "-"
-        print(f"{name:<12} {seconds:>8.0f} {budget or 0:>9.0f} {ratio:>12}  {verdict}")
+        jobs = args.jobs or studies[name].jobs
+        print(f"{name:<12} {jobs:>4} {seconds:>8.0f} {budget or 0:>9.0f} {ratio:>12}  {verdict}")
     return 0 if all(r[3] == "supported" for r in rows) else 1
 
 
