@@ -75,7 +75,7 @@ def test_every_run_records_steps_and_resume_adds_no_duplicates(capsys, tmp_path)
 @pytest.mark.parametrize("change, fragment", [
     ({"colour": "red"}, "unknown key 'colour'"),
     ({"verdict": {"checks": ["mean(norm=bn) > 0.5"]}}, "quote text values"),
-    ({"verdict": {"checks": ["mean(width=16) > 0.5"]}}, "'width' is not a field of the study's grid"),
+    ({"verdict": {"checks": ["mean(width=16) > 0.5"]}}, "'width' is not a field the study sets"),
     ({"verdict": {"checks": []}}, "non-empty list 'checks'"),
     ({"seeds": "0,1"}, "'seeds' must be a non-empty list"),
     ({"grid": {"norm": []}}, "grid axis 'norm'"),
@@ -198,3 +198,16 @@ def test_lr_base_size_scales_the_rate_with_the_batch_and_the_report_says_so(caps
     code, _, err = cli(capsys, "train", "--lr-base-size", "0", "--out", tmp_path / "bad")
     assert code == 2 and "--lr-base-size must be at least 1, got 0" in err.replace(" (a batch size)", "")
     assert not (tmp_path / "bad").exists()
+
+
+def test_narrowing_an_axis_the_checks_name_to_one_value_still_judges_the_study(capsys, tmp_path):
+    """`reslab study FILE --batch-size 32`: the axis the checks select on becomes a base field."""
+    file = write_study(tmp_path / "mine.yaml", ['mean(norm="bn", batch_size=32) >= 0.5',
+                                                'mean(norm="gn", batch_size=16) >= 0.5'],
+                       grid={"norm": ["bn", "gn"], "batch_size": [32, 16]})
+    code, stdout, err = cli(capsys, "study", file, "--batch-size", "32", "--seeds", "0", "--out", tmp_path / "one")
+    assert code == 0, err
+    verdict = json.loads((tmp_path / "one" / "verdict.json").read_text())
+    # the batch-32 check is judged from its runs; no run has batch 16, so that one cannot be decided
+    assert [e["result"] for e in verdict["evidence"]] == ["holds", "inconclusive"]
+    assert verdict["verdict"] == "inconclusive" and "verdict: inconclusive" in stdout

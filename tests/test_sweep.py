@@ -199,7 +199,7 @@ def summary_of(run_dir):
 
 def test_study_rerun_with_other_settings_is_refused_until_restart(capsys, tmp_path):
     out = tmp_path / "norms"
-    study = ["study", "norms", *ONE_EPOCH_FLAGS, "--norm", "bn,gn", "--out", str(out)]
+    study = ["study", "norms", *ONE_EPOCH_FLAGS, "--norm", "bn,gn", "--warmup-epochs", "0", "--out", str(out)]
     code, stdout, err = cli(capsys, *study, "--epochs", "1")
     assert code == 0, err
     names = ["norm=bn-seed=0", "norm=gn-seed=0"]

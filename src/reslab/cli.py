@@ -344,9 +344,11 @@ def run_study(args: argparse.Namespace) -> int:
     from .report import report
     from .sweep import sweep
 
-    from .studies import write_study
+    from .studies import study_from_dict, write_study
 
     study, base, grid, seeds, out, jobs = _study_plan(args)
+    planned = replace(study, base=base, grid=grid, seeds=tuple(seeds))
+    study_from_dict(planned.to_dict(), repr(study.name))  # the study as it will run is valid, before any work
     print(f"study {study.name}: {study.claim}")
     if study.notes:
         print(f"  {study.notes}")
@@ -355,7 +357,7 @@ def run_study(args: argparse.Namespace) -> int:
                    restart=args.restart)
     # The study as it ran (overrides included) goes beside its runs: the report, now and
     # whenever `reslab report` reads the directory again, judges the claim from them.
-    write_study(replace(study, base=base, grid=grid, seeds=tuple(seeds)), result.out)
+    write_study(planned, result.out)
     return _print_sweep_end(result, report(result.out))
 
 

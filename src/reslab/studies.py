@@ -110,7 +110,9 @@ def study_from_dict(data: Mapping[str, Any], where: str) -> Study:
         raise SpecError(f"study {where}: unknown verdict key {extra[0]!r}; valid keys: metric, checks")
     checks = tuple(str(c) for c in verdict["checks"])
     for check in checks:
-        parse_check(check, grid_fields=list(grid))
+        # a check selects runs by any field the study sets: an axis of its grid, or one its base
+        # fixes (an axis that `reslab study NAME --field VALUE` narrowed to one value moves there)
+        parse_check(check, grid_fields=[*grid, *base])
     budget = data.get("budget_s")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
         raise SpecError(f"study {where}: 'budget_s' must be a positive number of seconds")

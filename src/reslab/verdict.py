@@ -202,8 +202,8 @@ def parse_check(text: str, grid_fields: Iterable[str] | None = None) -> ast.Expr
                             raise SpecError(f"verdict check {text!r}: metric= is a summary field name, "
                                             "for mean() and std()")
                     elif known is not None and kw.arg not in known:
-                        raise SpecError(f"verdict check {text!r}: {kw.arg!r} is not a field of the study's grid; "
-                                        f"valid: {', '.join(sorted(known)) or 'none'}")
+                        raise SpecError(f"verdict check {text!r}: {kw.arg!r} is not a field the study sets "
+                                        f"(its grid or base); valid: {', '.join(sorted(known)) or 'none'}")
             elif node.keywords or not node.args:
                 raise SpecError(f"verdict check {text!r}: {name}() takes positional numbers")
         elif isinstance(node, ast.Name) and node.id not in _FUNCTIONS:
