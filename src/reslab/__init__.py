@@ -23,6 +23,7 @@ _EXPORTS = {
     "make_norm": "norms",
     "norm_factory": "norms",
     "list_norms": "norms",
+    "convert_norms": "convert",
     "init_weights": "inits",
     "list_inits": "inits",
     "build_model": "models",
