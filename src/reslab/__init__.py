@@ -29,6 +29,9 @@ _EXPORTS = {
     "build_model": "models",
     "list_models": "models",
     "load_dataset": "data",
+    "load_run": "evaluate",
+    "LoadedRun": "evaluate",
+    "evaluate_run": "evaluate",
     "list_datasets": "data",
 }
 

@@ -380,6 +380,55 @@ def run_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- eval -----------------------------------------------------------------------------
+
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", help="a run directory (its config.yaml and checkpoint.pt)")
+    parser.add_argument("--dataset", default=None, metavar="SPEC",
+                        help="take the images from this dataset spec (same image shape and classes; "
+                             "default: the run's own dataset)")
+    parser.add_argument("--split", default=None, metavar="test|val|train",
+                        help="test, val (the images the run held out with --val-split) or train (un-augmented); "
+                             "default: the split the run evaluated on")
+    parser.add_argument("--eval-batch-size", type=int, default=None, metavar="N",
+                        help="batch size for evaluation; default: the run's")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N; default auto")
+    parser.add_argument("--out", default=None, metavar="FILE.json", help="also write the numbers to this JSON file")
+
+
+def _eval_out(out: str | None, directory: str) -> str | None:
+    """``--out`` checked before any work: never a directory, never one of the run's own records."""
+    from pathlib import Path
+
+    from .rundir import RUN_FILES
+
+    if out is None:
+        return None
+    path = Path(out)
+    if path.is_dir():
+        raise UsageError(f"--out {out!r} is a directory; name a file, e.g. {str(path / 'eval.json')!r}")
+    if path.name in RUN_FILES and path.resolve().parent == Path(directory).resolve():
+        raise UsageError(f"--out {out!r} would overwrite the run's own {path.name}; name another file, "
+                         "e.g. eval.json")
+    return out
+
+
+@command("eval", "evaluate a run's checkpoint on a split, the way training evaluated it; writes nothing "
+         "into the run", _add_eval_arguments)
+def run_eval(args: argparse.Namespace) -> int:
+    from .fileio import atomic_write_json
+    from .evaluate import evaluate_run
+
+    out = _eval_out(args.out, args.directory)
+    result = evaluate_run(args.directory, split=args.split, dataset=args.dataset,
+                          eval_batch_size=args.eval_batch_size, device=args.device)
+    print(f"loss {result.loss:.4f}  acc {result.acc:.4f}  "
+          f"({result.images} images, split {result.split}, dataset {result.dataset})")
+    if out is not None:
+        atomic_write_json(out, result.to_dict())
+    return EXIT_OK
+
+
 # --- signal -----------------------------------------------------------------------
 
 def _add_signal_arguments(parser: argparse.ArgumentParser) -> None:

@@ -44,13 +44,22 @@ import yaml
 from . import __version__
 from .config import TrainConfig
 from .errors import SpecError
-from .fileio import atomic_write_json, atomic_write_text, read_jsonl
+from .fileio import atomic_write_json, atomic_write_text
 from .plots import plot_mean_bars, plot_mean_curves, series_style
+from .rundir import (
+    CONFIG_FILE,
+    SUMMARY_FILE,
+    UnreadableRecord,
+    is_run_dir,
+    read_config_mapping,
+    read_metrics,
+    read_steps,
+    read_summary,
+    read_sweep_plan,
+)
 from .studies import VERDICT_FILE, Study, read_study
 from .tables import format_table
 from .verdict import RunResult, Verdict
-from .sweep import SWEEP_PLAN
-from .train import CONFIG_FILE, METRICS_FILE, STEPS_FILE, SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 
@@ -203,11 +212,8 @@ def _rerun_command(root: Path, study: Study | None) -> str:
         shipped = shipped_studies().get(study.name)
         what = study.name if shipped is not None and shipped.to_dict() == study.to_dict() else str(root / STUDY_FILE)
         return f"reslab study {shlex.quote(what)} --out {shlex.quote(str(root))}"
-    try:
-        plan = yaml.safe_load((root / SWEEP_PLAN).read_text())
-    except (OSError, yaml.YAMLError):
-        return f"reslab report {shlex.quote(str(root))}"
-    if not isinstance(plan, dict):
+    plan = read_sweep_plan(root)
+    if plan is None:
         return f"reslab report {shlex.quote(str(root))}"
     parts = ["reslab", "sweep"]
     for name, value in {**(plan.get("base") or {}), **(plan.get("grid") or {})}.items():
@@ -260,11 +266,10 @@ def _verdict_markdown(result: Report) -> list[str]:
 def _in_sweep_order(root: Path, runs: list[Run]) -> list[Run]:
     """Runs in the order their sweep listed them (its ``sweep.yaml``), so text values
     such as init names keep the order the study chose; path order otherwise."""
-    plan = root / SWEEP_PLAN
-    try:
-        order = {run_id: i for i, run_id in enumerate(yaml.safe_load(plan.read_text())["runs"])}
-    except (OSError, KeyError, TypeError, yaml.YAMLError):
+    run_ids = (read_sweep_plan(root) or {}).get("runs")
+    if not isinstance(run_ids, list):
         return runs
+    order = {str(run_id): i for i, run_id in enumerate(run_ids)}
     return sorted(runs, key=lambda r: order.get(r.path.name, len(order)))
 
 
@@ -273,7 +278,7 @@ def find_runs(root: Path) -> list[Run]:
     runs: list[Run] = []
 
     def visit(folder: Path, depth: int) -> None:
-        if (folder / CONFIG_FILE).is_file():
+        if is_run_dir(folder):
             run = _read_run(folder)
             if run is not None:
                 runs.append(run)
@@ -289,25 +294,16 @@ def find_runs(root: Path) -> list[Run]:
 
 
 def _read_run(folder: Path) -> Run | None:
+    """The run in ``folder``, or None (with a warning) where its config.yaml cannot be read."""
     try:
-        config = yaml.safe_load((folder / CONFIG_FILE).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        log.warning("skipping %s: unreadable %s (%s)", folder, CONFIG_FILE, type(exc).__name__)
+        config = read_config_mapping(folder)
+    except UnreadableRecord as exc:
+        log.warning("skipping %s: unreadable %s (%s)", folder, CONFIG_FILE, exc.reason)
         return None
-    if not isinstance(config, dict):
-        log.warning("skipping %s: %s is not a mapping", folder, CONFIG_FILE)
-        return None
-    config = {str(k).replace("-", "_"): v for k, v in config.items()}
-    summary = None
-    if (folder / SUMMARY_FILE).is_file():
-        try:
-            summary = json.loads((folder / SUMMARY_FILE).read_text())
-        except (OSError, json.JSONDecodeError):
-            log.warning("%s: unreadable %s; counted as not finished", folder, SUMMARY_FILE)
-        if not isinstance(summary, dict):
-            summary = None
-    return Run(path=folder, config=config, summary=summary, metrics=read_jsonl(folder / METRICS_FILE),
-               steps=read_jsonl(folder / STEPS_FILE))
+    summary = read_summary(folder)
+    if summary is None and (folder / SUMMARY_FILE).is_file():
+        log.warning("%s: unreadable %s; counted as not finished", folder, SUMMARY_FILE)
+    return Run(path=folder, config=config, summary=summary, metrics=read_metrics(folder), steps=read_steps(folder))
 
 
 # --- grouping ------------------------------------------------------------------------------

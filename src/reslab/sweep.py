@@ -40,17 +40,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from .config import TrainConfig, config_from_dict, describe_differences, differing_fields
 from .errors import SpecError
 from .fileio import atomic_write_json, atomic_write_text
-from .train import CONFIG_FILE, SUMMARY_FILE, check_config, preflight, read_summary
+from .rundir import CONFIG_FILE, SUMMARY_FILE, UnreadableRecord, read_config, run_numbers, run_status, write_sweep_plan
+from .train import check_config, preflight
 
 log = logging.getLogger(__name__)
 
 FINISHED = ("completed", "diverged")
-SWEEP_PLAN = "sweep.yaml"  # the grid as given: base, axes, seeds and run ids in grid order
 
 
 @dataclass(frozen=True)
@@ -129,23 +128,6 @@ def _grid_runs(
     return runs
 
 
-def _run_numbers(run_dir: Path) -> str:
-    """``, test acc 0.9630, 12.3 s`` from a finished run's summary (empty if it has none)."""
-    summary = read_summary(run_dir) or {}
-    parts = []
-    if isinstance(summary.get("final_eval_acc"), (int, float)):
-        parts.append(f"{summary.get('eval_split', 'eval')} acc {summary['final_eval_acc']:.4f}")
-    if isinstance(summary.get("wall_time_s"), (int, float)):
-        parts.append(f"{summary['wall_time_s']:.1f} s")
-    return "".join(f", {p}" for p in parts)
-
-
-def run_status(run_dir: Path) -> str | None:
-    """The status in a run directory's summary.json, or None if it has not ended."""
-    summary = read_summary(run_dir)
-    return summary.get("status") if summary is not None else None
-
-
 def _saved_config_difference(run: Run) -> str | None:
     """Why the directory of ``run`` holds another run than the one asked for; None if it may be reused.
 
@@ -161,13 +143,9 @@ def _saved_config_difference(run: Run) -> str | None:
     if not saved_file.is_file():
         return None if not any(out.iterdir()) else f"holds files but no {CONFIG_FILE}"
     try:
-        data = yaml.safe_load(saved_file.read_text())
-        if not isinstance(data, dict):
-            raise SpecError("not a mapping")
-        saved = config_from_dict(data)
-    except (OSError, yaml.YAMLError, SpecError) as exc:
-        reason = str(exc).splitlines()[0] if isinstance(exc, SpecError) else type(exc).__name__
-        return f"has an unreadable {CONFIG_FILE} ({reason})"
+        saved = read_config(out)
+    except UnreadableRecord as exc:
+        return f"has an unreadable {CONFIG_FILE} ({exc.reason})"
     names = differing_fields(saved, run.config)
     return f"was trained with other settings ({describe_differences(saved, run.config, names)})" if names else None
 
@@ -467,14 +445,14 @@ def sweep(
     out.mkdir(parents=True, exist_ok=True)
     plan = {"base": dict(base), "grid": {k: list(v) for k, v in grid.items()}, "seeds": list(seeds),
             "runs": [run.run_id for run in runs]}
-    atomic_write_text(out / SWEEP_PLAN, yaml.safe_dump(plan, sort_keys=False))
+    write_sweep_plan(out, plan)
     by_out = {run.config.out: run.run_id for run in runs}
 
     with _sweep_bar(len(todo)) as advance:
         def on_done(run_out: str, status: str) -> None:
             result.statuses[by_out[run_out]] = status
             log.info("[%d/%d] %s: %s%s", len(result.statuses), len(runs), by_out[run_out], status,
-                     _run_numbers(Path(run_out)))
+                     run_numbers(Path(run_out)))
             advance()
 
         if launcher == "local":

@@ -1,6 +1,6 @@
 """Training: ``train(config)`` runs one config into one run directory.
 
-A run directory holds
+A run directory holds (names and readers: :mod:`reslab.rundir`)
 
 - ``config.yaml``   the resolved config (what produced the numbers),
 - ``metrics.jsonl`` one JSON object per epoch,
@@ -8,6 +8,9 @@ A run directory holds
   scheduler, grad scaler, epoch and RNG state, config - plain tensors,
   numbers and strings only, so ``torch.load(weights_only=True)`` reads it,
 - ``summary.json``  written when the run ends (completed, diverged or failed).
+
+``load_run(dir)`` reads a run back with its model as training built it, and
+``evaluate_run(dir)`` measures that model on a split the way training did.
 
 ``resume=True`` continues from the checkpoint up to ``config.epochs`` and gives
 exactly the metrics and weights of an uninterrupted run on the CPU: the data
@@ -17,7 +20,6 @@ global RNG state (dropout) is restored from the checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -42,11 +44,20 @@ from .inits import init_weights, parse_policy
 from .models import build_model
 from .norms import norm_factory
 from .optim import make_optimizer, make_scheduler, parse_schedule
+from .rundir import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    METRICS_FILE,
+    MODEL_STATE,
+    STEPS_FILE,
+    SUMMARY_FILE,
+    UnreadableRecord,
+    read_checkpoint,
+    read_summary,
+)
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "checkpoint.pt", "summary.json"
-STEPS_FILE = "steps.jsonl"  # mean train loss and lr per interval of --log-every steps
 NO_STEP = 2**62  # "no non-finite loss yet" in the cross-rank MIN
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -66,9 +77,13 @@ class RunResult:
 
 
 def resolve_device(spec: str) -> torch.device:
+    """The torch device ``spec`` names (auto: CUDA where there is one); a SpecError if it is unusable here."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise SpecError(f"unknown --device {spec!r}; valid choices: auto, cpu, cuda, cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SpecError(f"--device {spec!r} asked for CUDA, but no CUDA device is available; use --device cpu")
@@ -174,7 +189,18 @@ def default_out(cfg: TrainConfig) -> Path:
     return Path("runs") / "".join(c if c.isalnum() or c in "-_.=" else "_" for c in slug)
 
 
+def run_dataset(cfg: TrainConfig, device: torch.device | str = "cpu") -> Dataset:
+    """The dataset a run of ``cfg`` trains on, on ``device``: its train split, and the split it
+    evaluates on (the validation images held out by ``cfg.val_split`` and ``cfg.seed``, or the
+    test split)."""
+    return load_dataset(
+        cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, device=device,
+        val_split=cfg.val_split, seed=cfg.seed,
+    )
+
+
 def build_for(cfg: TrainConfig, data: Dataset) -> nn.Module:
+    """The model of ``cfg`` sized for ``data`` and initialized by ``cfg.init`` (on the CPU, NCHW)."""
     model = build_model(
         cfg.model, num_classes=data.num_classes, in_channels=data.in_channels, norm=cfg.norm,
         input_size=data.image_size, **cfg.model_options(),
@@ -259,10 +285,7 @@ class Trainer:
             # Every step has the same shapes (the short last batch is one more), so cuDNN's
             # autotuner pays for itself within the first epoch.
             torch.backends.cudnn.benchmark = True
-        self.data = load_dataset(
-            cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, device=device,
-            val_split=cfg.val_split, seed=cfg.seed,
-        )
+        self.data = run_dataset(cfg, device)
         model = build_for(cfg, self.data).to(device)
         _check_ghost_batches(model, cfg, self.data.num_train, self.dist.world_size)
         self.num_params = count_params(model)
@@ -331,7 +354,7 @@ class Trainer:
             "wall_time_s": self.wall_time_s,
             "train_seconds": self.train_seconds,
             "train_images": self.train_images,
-            "model": self.model.state_dict(),
+            MODEL_STATE: self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -340,7 +363,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(state[MODEL_STATE])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -365,9 +388,7 @@ class Trainer:
     # -- epochs --
 
     def autocast(self):
-        if self.cfg.precision == "fp32":
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast_for(self.device, self.cfg.precision)
 
     def train_epoch(self, progress) -> dict[str, Any]:
         cfg, dist = self.cfg, self.dist
@@ -439,27 +460,58 @@ class Trainer:
             "steps": step_rows,
         }
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """``eval_loss`` and ``eval_acc`` on the eval split, summed over every rank."""
         # The eager module: no gradient sync to do, and a compiled net would recompile for
         # eval mode and the eval batch shape.  Under DDP its buffers (BN running stats) are
         # rank 0's, broadcast at every training forward.
-        model = self.model
-        model.eval()
-        totals = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss sum, correct
-        count = 0
-        for x, y in self.data.eval_batches(
-            self.cfg.eval_batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
-            channels_last=self.channels_last,
-        ):
-            with self.autocast():
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, reduction="sum")
-            count += y.numel()
-            totals += torch.stack([loss.double(), (logits.argmax(1) == y).sum().double()])
-        count_t = torch.full((1,), float(count), device=self.device, dtype=torch.float64)
-        loss_sum, correct, count = self.dist.all_sum(torch.cat([totals, count_t])).tolist()
-        return {"eval_loss": loss_sum / max(count, 1), "eval_acc": correct / max(count, 1)}
+        result = evaluate_model(self.model, self.data, self.cfg.eval_batch_size, channels_last=self.channels_last,
+                                precision=self.cfg.precision, dist=self.dist)
+        return {"eval_loss": result.loss, "eval_acc": result.acc}
+
+
+# --- evaluation ------------------------------------------------------------------------
+
+
+def autocast_for(device: torch.device, precision: str):
+    """The autocast context of ``precision`` on ``device``; a no-op context for fp32."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Mean cross-entropy and accuracy over ``images`` images of one split."""
+
+    loss: float
+    acc: float
+    images: int
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, data: Dataset, batch_size: int, *, channels_last: bool = False,
+                   precision: str = "fp32", dist: Dist | None = None) -> Evaluation:
+    """Evaluate ``model`` (put in eval mode) on ``data``'s eval split, in order and un-augmented.
+
+    Returns the mean loss and the accuracy over the whole split: under DDP each
+    rank takes its slice of every batch and the float64 sums are added over ranks.
+    """
+    dist = dist or Dist()
+    device = data.device
+    model.eval()
+    totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, correct
+    count = 0
+    for x, y in data.eval_batches(batch_size, rank=dist.rank, world_size=dist.world_size,
+                                  channels_last=channels_last):
+        with autocast_for(device, precision):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, reduction="sum")
+        count += y.numel()
+        totals += torch.stack([loss.double(), (logits.argmax(1) == y).sum().double()])
+    count_t = torch.full((1,), float(count), device=device, dtype=torch.float64)
+    loss_sum, correct, count = dist.all_sum(torch.cat([totals, count_t])).tolist()
+    return Evaluation(loss=loss_sum / max(count, 1), acc=correct / max(count, 1), images=int(count))
 
 
 # --- progress ------------------------------------------------------------------------
@@ -511,15 +563,6 @@ class _Resume:
     finished: dict[str, Any] | None = None  # the summary of a run that has nothing left to do
 
 
-def read_summary(out: Path) -> dict[str, Any] | None:
-    """A run directory's summary.json, or None where it has none (or an unreadable one)."""
-    try:
-        summary = json.loads((out / SUMMARY_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return summary if isinstance(summary, dict) else None
-
-
 def _prepare_out(cfg: TrainConfig, out: Path) -> _Resume:
     """Check the run directory; with ``--resume``, what to continue from.
 
@@ -539,10 +582,11 @@ def _prepare_out(cfg: TrainConfig, out: Path) -> _Resume:
             return _Resume()  # started, but killed before its first checkpoint: start over in place
         raise SpecError(f"--resume: {str(out)!r} holds no run to resume (no {CHECKPOINT_FILE}); drop --resume to start one")
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = read_checkpoint(out)
         saved = config_from_dict({k: v for k, v in state["config"].items() if k not in ("out", "resume")})
     except Exception as exc:  # a torn or foreign file
-        raise SpecError(f"--resume: checkpoint {str(checkpoint)!r} is corrupted or not a reslab checkpoint ({type(exc).__name__})") from None
+        reason = exc.reason if isinstance(exc, UnreadableRecord) else type(exc).__name__
+        raise SpecError(f"--resume: checkpoint {str(checkpoint)!r} is corrupted or not a reslab checkpoint ({reason})") from None
     conflicts = resume_conflicts(saved, cfg)
     if conflicts:
         allowed = ", ".join(f"--{n.replace('_', '-')}" for n in EXECUTION_FIELDS if n not in ("out", "resume"))

@@ -1,0 +1,171 @@
+"""Finished runs: read a run directory back (:func:`load_run`) and measure it (:func:`evaluate_run`).
+
+``reslab eval DIR`` is :func:`evaluate_run`; both only read the run directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .data import Dataset, load_dataset
+from .errors import SpecError, choices_error
+from .rundir import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    MODEL_STATE,
+    UnreadableRecord,
+    read_checkpoint,
+    read_config,
+    read_metrics,
+    read_steps,
+    read_summary,
+    require_run_dir,
+)
+from .train import build_for, evaluate_model, resolve_device, run_dataset, uses_channels_last
+
+EVAL_SPLITS = ("test", "val", "train")
+
+
+@dataclass(frozen=True)
+class LoadedRun:
+    """A run directory read back: its records, and its model with the checkpoint's weights."""
+
+    path: Path
+    config: TrainConfig
+    summary: dict[str, Any]  # summary.json; empty while the run has not ended
+    metrics: list[dict[str, Any]]  # metrics.jsonl: one row per completed epoch
+    steps: list[dict[str, Any]]  # steps.jsonl: one row per logged interval of steps
+    model: nn.Module = field(repr=False)  # built as training built it, in eval mode
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether the model runs in NHWC, as it did in training (and so takes NHWC batches)."""
+        return uses_channels_last(self.config.channels_last, self.model)
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
+    """Read the run directory ``path``: config, records, and the model as of its last checkpoint.
+
+    The model is built exactly as training built it (the run's dataset sizes it,
+    its memory format is the run's) and holds the checkpoint's weights, in eval
+    mode on ``device``.  Returns a :class:`LoadedRun`; a directory without a
+    config.yaml or a checkpoint.pt, or with unreadable ones, is a SpecError.
+    """
+    folder = require_run_dir(path)
+    run, _ = _load_run(folder, read_config(folder), resolve_device(str(device)))
+    return run
+
+
+def _load_run(folder: Path, cfg: TrainConfig, device: torch.device) -> tuple[LoadedRun, Dataset]:
+    """The run in ``folder`` (config ``cfg``) on ``device``, and the dataset it trained on."""
+    state = read_checkpoint(folder, device)
+    if not isinstance(state.get(MODEL_STATE), dict):
+        raise UnreadableRecord(folder / CHECKPOINT_FILE, f"no {MODEL_STATE!r} state dict: not a reslab checkpoint")
+    data = run_dataset(cfg, device)
+    with torch.random.fork_rng(devices=[]):  # building draws from the global generator: leave the caller's alone
+        model = build_for(cfg, data).to(device)
+    if uses_channels_last(cfg.channels_last, model):
+        model = model.to(memory_format=torch.channels_last)
+    try:
+        model.load_state_dict(state[MODEL_STATE])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise SpecError(f"checkpoint {str(folder / CHECKPOINT_FILE)!r} does not fit the model its {CONFIG_FILE} "
+                        f"describes ({type(exc).__name__})") from None
+    model.eval()
+    summary = read_summary(folder) or {}
+    run = LoadedRun(path=folder, config=cfg, summary=summary, metrics=read_metrics(folder), steps=read_steps(folder),
+                    model=model)
+    return run, data
+
+
+@dataclass(frozen=True)
+class RunEvaluation:
+    """A finished run's model measured on one split of one dataset."""
+
+    path: Path
+    dataset: str  # the dataset spec
+    split: str  # test | val | train
+    loss: float
+    acc: float
+    images: int
+    eval_batch_size: int
+    device: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """The numbers and what they were measured on, as JSON-ready values."""
+        return {"run": str(self.path), "dataset": self.dataset, "split": self.split, "loss": self.loss,
+                "acc": self.acc, "images": self.images, "eval_batch_size": self.eval_batch_size,
+                "device": self.device}
+
+
+def evaluate_run(path: str | Path, *, split: str | None = None, dataset: str | None = None,
+                 eval_batch_size: int | None = None, device: str = "auto") -> RunEvaluation:
+    """Evaluate the run in ``path`` as training evaluated it, writing nothing.
+
+    ``split``: ``test``, ``val`` (the images the run held out with its
+    ``val_split`` and ``seed``) or ``train`` (the images it trained on,
+    un-augmented); default the split the run evaluated on.  ``dataset``: another
+    dataset spec of the same image shape and classes, normalized as the run's
+    inputs were.  ``eval_batch_size``: default the run's.  Returns a
+    :class:`RunEvaluation`; bad input is a SpecError (a bad split or batch size
+    before any data is loaded).
+    """
+    folder = require_run_dir(path)
+    cfg = read_config(folder)
+    split = check_eval_split(cfg, split, folder)
+    batch_size = cfg.eval_batch_size if eval_batch_size is None else eval_batch_size
+    if batch_size < 1:
+        raise SpecError(f"--eval-batch-size must be a positive integer, got {batch_size}")
+    dev = resolve_device(device)
+    run, run_data = _load_run(folder, cfg, dev)
+    data = split_data(cfg, run_data, split, dataset)
+    precision = cfg.precision if dev.type == "cuda" else "fp32"  # autocast as in training where it ran
+    result = evaluate_model(run.model, data, batch_size, channels_last=run.channels_last, precision=precision)
+    return RunEvaluation(path=folder, dataset=data.spec, split=split, loss=result.loss, acc=result.acc,
+                         images=result.images, eval_batch_size=batch_size, device=str(dev))
+
+
+def check_eval_split(cfg: TrainConfig, split: str | None, folder: Path) -> str:
+    """``split`` checked against the run (default: the split it evaluated on); returns the split to use."""
+    if split is None:
+        return "val" if cfg.val_split else "test"
+    if split not in EVAL_SPLITS:
+        raise choices_error("--split", split, EVAL_SPLITS)
+    if split == "val" and not cfg.val_split:
+        raise SpecError(f"--split val: the run in {str(folder)!r} was trained without --val-split, so it held out "
+                        "no validation images; valid choices for it: test, train")
+    return split
+
+
+def split_data(cfg: TrainConfig, run_data: Dataset, split: str, dataset: str | None = None) -> Dataset:
+    """A Dataset whose eval split holds the images ``split`` names, normalized as the run's inputs were.
+
+    ``run_data`` is the run's own dataset (:func:`run_dataset`); ``dataset`` another
+    spec to take the images from, held out with the run's ``val_split`` and ``seed``.
+    """
+    val_split = 0.0 if split == "test" else cfg.val_split
+    source = run_data
+    if dataset is not None or val_split != cfg.val_split:
+        source = load_dataset(dataset or cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
+                              device=run_data.device, val_split=val_split, seed=cfg.seed)
+        _check_fits(source, run_data)
+    images, labels = ((source.train_images, source.train_labels) if split == "train"
+                      else (source.eval_images, source.eval_labels))
+    return replace(source, eval_images=images, eval_labels=labels, eval_split=split,
+                   mean=run_data.mean, std=run_data.std)
+
+
+def _check_fits(data: Dataset, run_data: Dataset) -> None:
+    """A SpecError unless ``data`` has the image shape and classes of the dataset the run trained on."""
+    def shape(d: Dataset) -> str:
+        return f"{d.in_channels}x{d.image_size}x{d.image_size} images in {d.num_classes} classes"
+
+    if shape(data) != shape(run_data):
+        raise SpecError(f"--dataset {data.spec!r} has {shape(data)}; the run's model takes {shape(run_data)} "
+                        f"({run_data.spec}); choose a dataset of that shape")
