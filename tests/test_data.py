@@ -393,3 +393,13 @@ def test_to_device_and_describe():
     line = ds.describe()
     assert "20 train / 5 test" in line and "1x4x4" in line and "\n" not in line
     assert ds.to("cpu").train_images.equal(ds.train_images)
+
+
+def test_a_synthetic_dataset_too_large_to_hold_is_one_line_before_any_allocation():
+    from reslab.data import SYNTHETIC_MAX_PIXELS
+
+    with pytest.raises(SpecError, match="would hold .* pixel values; at most"):
+        load_dataset("synthetic:train=99999999999999999999")
+    with pytest.raises(SpecError, match="at most"):
+        load_dataset("synthetic:train=100,size=100000")
+    assert 1_000_000 * 3 * 32 * 32 <= SYNTHETIC_MAX_PIXELS  # a CIFAR-sized million still fits

@@ -549,6 +549,9 @@ register_dataset(DatasetEntry(
 # --- synthetic ---------------------------------------------------------------------------
 
 
+SYNTHETIC_MAX_PIXELS = 2**32  # 4 GiB as uint8, 16 GiB while drawn as float32
+
+
 def _build_synthetic(ctx: LoadContext, *, train: int = 2560, test: int = 256, size: int = 32, channels: int = 3,
                      classes: int = 10, seed: int = 0, noise: float = 48.0) -> Splits:
     """Class templates plus Gaussian noise: random, but learnable.
@@ -560,6 +563,10 @@ def _build_synthetic(ctx: LoadContext, *, train: int = 2560, test: int = 256, si
     Templates, train and test come from separate generators, so changing
     ``train=`` does not change the test images.
     """
+    pixels = (train + test) * channels * size * size
+    if pixels > SYNTHETIC_MAX_PIXELS:
+        raise SpecError(f"dataset 'synthetic:train={train},test={test},size={size},channels={channels}' would hold "
+                        f"{pixels:,} pixel values; at most {SYNTHETIC_MAX_PIXELS:,} (e.g. 1M images of 3x32x32)")
     low = min(4, size)
     templates = torch.rand(classes, channels, low, low, generator=torch.Generator().manual_seed(
         _derive_seed("synthetic-templates", seed))) * 255
@@ -590,6 +597,17 @@ register_dataset(DatasetEntry(
 # --- loading ------------------------------------------------------------------------------
 
 
+def parse_dataset_spec(spec: str | Spec) -> tuple[DatasetEntry, dict[str, Any], Augment]:
+    """The registry entry, loader arguments and augmentation a dataset spec names, without
+    loading anything; SpecError for an unknown name or a bad argument."""
+    parsed = spec if isinstance(spec, Spec) else parse_spec(spec, "dataset spec")
+    entry = _REGISTRY.lookup(parsed.name)
+    kwargs = bind(parsed, {**entry.params, **_AUGMENT_PARAMS}, "dataset")
+    augment = Augment(crop_padding=kwargs.pop("crop", entry.augment.crop_padding),
+                      flip=kwargs.pop("flip", entry.augment.flip))
+    return entry, kwargs, augment
+
+
 def load_dataset(
     spec: str | Spec,
     *,
@@ -609,11 +627,7 @@ def load_dataset(
     the device at all.  Bad names and options raise :class:`SpecError`;
     absent files raise :class:`DatasetMissing`.
     """
-    parsed = spec if isinstance(spec, Spec) else parse_spec(spec, "dataset spec")
-    entry = _REGISTRY.lookup(parsed.name)
-    kwargs = bind(parsed, {**entry.params, **_AUGMENT_PARAMS}, "dataset")
-    augment = Augment(crop_padding=kwargs.pop("crop", entry.augment.crop_padding),
-                      flip=kwargs.pop("flip", entry.augment.flip))
+    entry, kwargs, augment = parse_dataset_spec(spec)
     try:
         val_split = float(val_split)
     except (TypeError, ValueError):
