@@ -436,3 +436,14 @@ def test_workers_configure_only_the_reslab_logger(reslab_logger, monkeypatch):
     sweep_module._init_worker(None, torch.get_num_threads())  # a local worker, in the same process: no second handler
     sweep_module.configure_worker_logging()
     assert len(ours()) == 1 and reslab_logger.propagate is False
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "proc"])
+def test_sweep_out_that_cannot_be_created_is_one_line_before_any_work(capsys, tmp_path, where):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    out = str(blocker / "sweep") if where == "under_a_file" else "/proc/reslab-no-such-dir/sweep"
+    code, _, err = cli(capsys, "sweep", "--model", "mlp", "--dataset", "digits", "--epochs", "1", "--lr", "0.1,0.2",
+                       "--out", out)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "cannot be written" in err, err
+    assert "Traceback" not in err and blocker.read_text() == ""

@@ -84,3 +84,26 @@ def append_jsonl(path: str | os.PathLike, *rows: dict[str, Any]) -> None:
 
 def rewrite_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Path:
     return atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def unwritable_reason(path: str | os.PathLike) -> str | None:
+    """Why a directory ``path`` could not be created (or written into), or None if it can.
+
+    Walks up to the nearest folder that exists and makes (then removes) a temporary
+    folder there: a parent that is a file, a read-only place, or a file system that
+    refuses new entries (``/proc``) all show up before any work, with nothing left behind.
+    """
+    target = Path(path)
+    existing = target
+    while not existing.exists():
+        if existing.parent == existing:
+            return f"{str(existing)!r} does not exist"
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{str(existing)!r} is a file, not a directory"
+    try:
+        probe = tempfile.mkdtemp(prefix=".reslab-probe-", dir=existing)
+    except OSError as exc:
+        return f"{str(existing)!r} does not accept new files ({exc.strerror or type(exc).__name__})"
+    os.rmdir(probe)
+    return None
