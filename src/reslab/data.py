@@ -627,7 +627,8 @@ def load_dataset(
     the device at all.  Bad names and options raise :class:`SpecError`;
     absent files raise :class:`DatasetMissing`.
     """
-    entry, kwargs, augment = parse_dataset_spec(spec)
+    parsed = spec if isinstance(spec, Spec) else parse_spec(spec, "dataset spec")
+    entry, kwargs, augment = parse_dataset_spec(parsed)
     try:
         val_split = float(val_split)
     except (TypeError, ValueError):
