@@ -86,6 +86,9 @@ class TrainConfig:
     resume: bool = _f(False, "continue the run in --out from its last checkpoint")
     progress: str = _f("auto", "auto (a bar on a terminal, log lines otherwise), bar, log or none",
                        choices=PROGRESS)
+    tensorboard: bool = _f(False, "also write TensorBoard event files into RUN/tb/ (train loss and lr per "
+                                  "--log-every interval, eval and train metrics per epoch, the config as "
+                                  "hparams); needs pip install tensorboard")
 
     def __post_init__(self) -> None:
         if isinstance(self.channels_last, bool):  # TrainConfig(channels_last=True), as before auto existed
@@ -159,7 +162,7 @@ class TrainConfig:
 # Fields that say where or how a run executes, never what it computes: they may
 # differ between a run directory's config.yaml and the config now asked for.
 EXECUTION_FIELDS = ("out", "resume", "progress", "device", "data_dir", "download", "eval_batch_size", "compile",
-                    "channels_last")
+                    "channels_last", "tensorboard")
 # Schedules whose lr at a given epoch does not depend on the total number of epochs:
 # a resume may raise --epochs under them without bending the curve already trained.
 EPOCH_FREE_SCHEDULES = ("constant", "step")

@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .config import TrainConfig
+from .config import EXECUTION_FIELDS, TrainConfig
 from .errors import SpecError
 from .fileio import atomic_write_json, atomic_write_text
 from .plots import plot_mean_bars, plot_mean_curves, series_style
@@ -65,7 +65,8 @@ log = logging.getLogger(__name__)
 
 # Fields that never define a group: the seed is what a group averages over; the
 # rest say where or how a run executes, not what it computes.
-NEVER_GROUP = ("seed", "out", "resume", "progress", "device", "data_dir", "download", "compile")
+# the seed and every field that says only where or how a run executes (channels_last, tensorboard, ...)
+NEVER_GROUP = ("seed", *EXECUTION_FIELDS)
 MAX_DEPTH = 2  # DIR/<run> and DIR/<sweep>/<run>
 CSV_FILE, MD_FILE, HTML_FILE = "report.csv", "report.md", "report.html"
 LOSS_PLOT, ACC_PLOT = "train_loss.png", "eval_acc.png"

@@ -7,7 +7,8 @@ A run directory holds (names and readers: :mod:`reslab.rundir`)
 - ``checkpoint.pt`` written atomically after every epoch: model, optimizer,
   scheduler, grad scaler, epoch and RNG state, config - plain tensors,
   numbers and strings only, so ``torch.load(weights_only=True)`` reads it,
-- ``summary.json``  written when the run ends (completed, diverged or failed).
+- ``summary.json``  written when the run ends (completed, diverged or failed),
+- ``tb/``           TensorBoard event files, with ``tensorboard=True`` (:mod:`reslab.tblog`).
 
 ``load_run(dir)`` reads a run back with its model as training built it, and
 ``evaluate_run(dir)`` measures that model on a split the way training did.
@@ -29,7 +30,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,7 @@ from .rundir import (
     read_checkpoint,
     read_summary,
 )
+from .tblog import TB_DIR, TensorBoardLog, check_available
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,8 @@ def check_config(cfg: TrainConfig) -> None:
                         "valid choices here: fp32, fp16")
     if cfg.sync_bn and device.type != "cuda":
         raise SpecError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel); drop --sync-bn")
+    if cfg.tensorboard:
+        check_available()
 
 
 def preflight(configs: list[TrainConfig]) -> None:
@@ -323,6 +327,8 @@ class Trainer:
         # Totals over every session of the run (a resume adds to them): wall time up to the
         # last checkpoint, and the seconds and images of the training epochs it holds.
         self.wall_time_s, self.train_seconds, self.train_images = 0.0, 0.0, 0.0
+        # Called with each steps.jsonl row as soon as its interval is measured (TensorBoard).
+        self.on_step_row: Callable[[dict[str, Any]], None] | None = None
 
     # -- state --
 
@@ -442,6 +448,8 @@ class Trainer:
                 step_rows.append({"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 6),
                                   "loss": mean if math.isfinite(mean) else None, "lr": lr,
                                   "steps": interval_steps})
+                if self.on_step_row is not None:
+                    self.on_step_row(step_rows[-1])
                 interval_loss.zero_()
                 interval_steps = 0
                 if int(earliest) != NO_STEP:
@@ -687,15 +695,34 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device, progress_mode: st
 
     record = {"world_size": dist.world_size, "per_device_batch": cfg.batch_size // dist.world_size}
     dist.barrier()  # every rank has checked the run directory before rank 0 writes into it
+    tb: TensorBoardLog | None = None
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / CONFIG_FILE, cfg.to_yaml() + "".join(f"# {k}: {v}\n" for k, v in record.items()))
         # Metrics past the checkpoint belong to an epoch that is about to be redone.
         rows = [r for r in read_jsonl(out / METRICS_FILE) if r.get("epoch", 0) <= trainer.epoch]
         rewrite_jsonl(out / METRICS_FILE, rows)
-        rewrite_jsonl(out / STEPS_FILE, [r for r in read_jsonl(out / STEPS_FILE) if r.get("step", 0) <= trainer.step])
+        step_rows = [r for r in read_jsonl(out / STEPS_FILE) if r.get("step", 0) <= trainer.step]
+        rewrite_jsonl(out / STEPS_FILE, step_rows)
+        if cfg.tensorboard:
+            # Points an earlier session wrote past the checkpoint are dropped by TensorBoard.
+            tb = TensorBoardLog(out / TB_DIR, purge_step=trainer.step + 1)
+            if tb.fresh:  # a resume turning --tensorboard on: the curves start with the records
+                tb.backfill(step_rows, rows)
+            trainer.on_step_row = tb.step_row
     else:
         rows = []
+    try:
+        return _run_epochs(cfg, dist, device, trainer, out, rows, record, progress_mode, tb)
+    finally:
+        if tb is not None:
+            tb.close()
+
+
+def _run_epochs(cfg: TrainConfig, dist: Dist, device: torch.device, trainer: Trainer, out: Path,
+                rows: list[dict[str, Any]], record: dict[str, Any], progress_mode: str,
+                tb: TensorBoardLog | None) -> RunResult:
+    """Train from ``trainer``'s state up to ``cfg.epochs`` and record how the run ended."""
     progress = _Progress(progress_mode, trainer.steps_per_epoch * (cfg.epochs - trainer.epoch), dist.is_main)
     status, diverged_at, error = "completed", None, None
     started = time.perf_counter()
@@ -724,6 +751,8 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device, progress_mode: st
             if dist.is_main:
                 atomic_torch_save(out / CHECKPOINT_FILE, trainer.state_dict(rng_states))
                 append_jsonl(out / METRICS_FILE, row)
+                if tb is not None:
+                    tb.epoch_row(row)
             rows.append(row)
             progress.end_epoch(row, cfg.epochs)
     except (SpecError, KeyboardInterrupt):
@@ -747,6 +776,8 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device, progress_mode: st
         raise RunFailed(f"rank {dist.rank}: {error}")
     if dist.is_main:
         atomic_write_json(out / SUMMARY_FILE, summary)
+    if tb is not None and status != "failed":
+        tb.run_end(cfg, status, summary["final_eval_acc"], trainer.epoch)
     return RunResult(out=out, status=status, summary=summary)
 
 
