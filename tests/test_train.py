@@ -242,3 +242,9 @@ def test_unwritable_out_is_bad_input(capsys, tmp_path):
     blocker.write_text("x")
     code, _, err = cli(capsys, "train", *TINY, "--epochs", "1", "--out", str(blocker / "run"))
     assert code == 2 and "not writable" in err
+
+
+def test_out_on_a_file_system_that_refuses_new_entries_is_bad_input(capsys):
+    """/proc looks writable to root (os.access says yes) but refuses mkdir: probed, not guessed."""
+    code, _, err = cli(capsys, "train", *TINY, "--epochs", "1", "--out", "/proc/reslab-no-such-dir/run")
+    assert code == 2 and "not writable" in err and len(err.strip().splitlines()) == 1, err

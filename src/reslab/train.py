@@ -40,7 +40,7 @@ from .config import EXECUTION_FIELDS, PROGRESS, TrainConfig, config_from_dict, d
 from .data import Dataset, load_dataset
 from .diagnose import count_params
 from .errors import SpecError, choices_error
-from .fileio import append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text, read_jsonl, rewrite_jsonl
+from .fileio import unwritable_reason, append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text, read_jsonl, rewrite_jsonl
 from .inits import init_weights, parse_policy
 from .models import build_model
 from .norms import norm_factory
@@ -617,11 +617,10 @@ def _prepare_out(cfg: TrainConfig, out: Path) -> _Resume:
 
 
 def _check_writable(out: Path) -> None:
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise SpecError(f"--out {str(out)!r} is not writable ({str(parent)!r} does not accept new files)")
+    """The run directory can be created (or written into), or a one-line SpecError before any work."""
+    problem = unwritable_reason(out)
+    if problem is not None:
+        raise SpecError(f"--out {str(out)!r} is not writable: {problem}")
 
 
 def check_world_size(cfg: TrainConfig, dist: Dist) -> None:
