@@ -67,6 +67,8 @@ def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentPars
 
 def _add_list_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", choices=_list_sources(), help="which registry to list")
+    parser.add_argument("--all", action="store_true",
+                        help="with models: also every torchvision classification model, as tv:NAME")
 
 
 def _list_sources() -> dict[str, Callable[[], dict[str, str]]]:
@@ -76,13 +78,24 @@ def _list_sources() -> dict[str, Callable[[], dict[str, str]]]:
     from .norms import list_norms
     from .studies import list_studies
 
-    return {"models": list_models, "norms": list_norms, "inits": list_inits, "datasets": list_datasets,
+    def models() -> dict[str, str]:
+        return {**list_models(), "tv:NAME": "any torchvision classification model (`reslab list models --all` "
+                                            "lists them)"}
+
+    return {"models": models, "norms": list_norms, "inits": list_inits, "datasets": list_datasets,
             "studies": list_studies}
 
 
 @command("list", "list the models, norms, init schemes or datasets reslab knows", _add_list_arguments)
 def run_list(args: argparse.Namespace) -> int:
-    entries = _list_sources()[args.what]()
+    if args.all and args.what != "models":
+        raise UsageError(f"list: --all applies to `reslab list models`, not to {args.what}")
+    if args.all:
+        from .models import list_models
+
+        entries = list_models(torchvision=True)
+    else:
+        entries = _list_sources()[args.what]()
     width = max(len(name) for name in entries)
     for name, description in entries.items():
         print(f"{name.ljust(width)}  {description}")
@@ -91,7 +104,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def _add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="model name (see `reslab list models`)")
+    parser.add_argument("model", help="model name (see `reslab list models`), or tv:NAME for a torchvision model")
     parser.add_argument("--norm", default="bn", help="norm spec, e.g. bn, gn, gn:16, ln, in, rms, none")
     parser.add_argument(
         "--init", default="default",
@@ -434,7 +447,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def _add_signal_arguments(parser: argparse.ArgumentParser) -> None:
     from .diagnose import DEFAULT_SIGNAL_BATCH
 
-    parser.add_argument("model", help="model name (see `reslab list models`)")
+    parser.add_argument("model", help="model name (see `reslab list models`), or tv:NAME for a torchvision model")
     parser.add_argument("--norm", default="none,bn", metavar="SPEC[,SPEC...]", help="norm specs to compare")
     parser.add_argument("--init", default="kaiming_normal,xavier_normal", metavar="SPEC[,SPEC...]",
                         help="init specs to compare (see `reslab list inits`)")

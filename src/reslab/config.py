@@ -37,7 +37,8 @@ def _f(default: Any, help: str, **meta: Any) -> Any:
 @dataclass
 class TrainConfig:
     # -- what to train --
-    model: str = _f("cifar_resnet20", "model name (reslab list models)")
+    model: str = _f("cifar_resnet20", "model name (reslab list models), or tv:NAME for a torchvision model "
+                                      "(reslab list models --all)")
     norm: str = _f("bn", "norm spec: bn, bn:ghost=G, bn:splits=K, gn, gn:G, gn:cpg=N, ln, in, rms, none (reslab list norms)")
     init: str | dict[str, Any] = _f(
         "default", "init scheme for conv and linear weights, or a policy mapping "

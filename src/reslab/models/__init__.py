@@ -19,6 +19,12 @@ interface, so there is one source of truth:
 Unknown names and options are SpecErrors (:mod:`reslab.errors`) that list the
 valid choices; bad option *values* are rejected by the model itself with the
 same kind of message.
+
+Any torchvision classification model is there too, as ``tv:NAME``
+(``build_model("tv:resnet50", norm="gn")``, ``tv:vit_b_16``, ...): built
+without weights and adapted to the common arguments, see
+:mod:`reslab.models.torchvision_models`.  ``list_models(torchvision=True)``
+lists them after reslab's own.
 """
 
 from __future__ import annotations
@@ -82,23 +88,31 @@ def register_model(fn: ModelFn | None = None, *, default_input: tuple[int, int] 
     return fn
 
 
-def list_models() -> dict[str, str]:
-    """Every model name with a one-line description."""
-    return {name: entry.description for name, entry in _REGISTRY.items()}
+def list_models(torchvision: bool = False) -> dict[str, str]:
+    """Every registered model name with a one-line description; with ``torchvision``, then
+    every torchvision classification model as ``tv:NAME``."""
+    described = {name: entry.description for name, entry in _REGISTRY.items()}
+    if torchvision:
+        described.update(list_torchvision_models())
+    return described
 
 
 def model_names() -> list[str]:
-    """Every registered model name, in registration order."""
+    """Every registered model name, in registration order (``tv:NAME`` models not included)."""
     return list(_REGISTRY)
 
 
 def model_options(name: str) -> dict[str, Any]:
     """The options ``name`` accepts, each with its default."""
+    if is_torchvision_name(name):
+        return torchvision_options(name)
     return dict(_entry(name).options)
 
 
 def model_input(name: str) -> tuple[int, int]:
     """``(in_channels, input_size)`` of the input ``name`` was designed for, e.g. ``(3, 224)``."""
+    if is_torchvision_name(name):
+        return torchvision_input(name)
     return _entry(name).default_input
 
 
@@ -145,7 +159,7 @@ def build_model(
     """Build the registered model ``name``.
 
     Args:
-        name: a key of :func:`list_models`.
+        name: a key of :func:`list_models`, or ``tv:NAME`` for torchvision's model NAME.
         num_classes: size of the classifier output.
         in_channels: channels of the input images (1 for MNIST, 3 for CIFAR).
         norm: a norm spec (``bn``, ``gn:16``, ``none``, ...; see ``reslab.norms``);
@@ -156,11 +170,15 @@ def build_model(
 
     Unknown names, unknown options and bad values raise :class:`SpecError`.
     """
-    entry = _entry(name)
-    unknown = sorted(set(options) - set(entry.options))
-    if unknown:
-        valid = ", ".join(entry.options) or "none"
-        raise SpecError(f"unknown option {unknown[0]!r} for model {name!r}; valid options: {valid}")
+    torchvision = is_torchvision_name(name)
+    if torchvision:
+        check_options(name, options)  # the name, then the options
+    else:
+        entry = _entry(name)
+        unknown = sorted(set(options) - set(entry.options))
+        if unknown:
+            valid = ", ".join(entry.options) or "none"
+            raise SpecError(f"unknown option {unknown[0]!r} for model {name!r}; valid options: {valid}")
     norm_factory(norm)  # fail on a bad norm spec whether or not the model has norm layers
     if isinstance(input_size, str):
         input_size = _positive_int(input_size, "input_size")
@@ -170,6 +188,8 @@ def build_model(
         "norm": norm,
         "input_size": input_size,
     }
+    if torchvision:
+        return build_torchvision_model(name, **common, **options)
     kwargs = {key: common[key] for key in entry.common}
     for key, value in options.items():
         kwargs[key] = _coerce(value, entry.options[key], f"option {key!r} of model {name!r}")
@@ -183,6 +203,14 @@ from . import resnet  # noqa: E402,F401,I001
 from . import baselines  # noqa: E402,F401
 from .baselines import MLP, SimpleCNN  # noqa: E402
 from .resnet import BasicBlock, Bottleneck, ResNet, ZeroPadShortcut  # noqa: E402
+from .torchvision_models import (  # noqa: E402
+    build_torchvision_model,
+    check_options,
+    is_torchvision_name,
+    list_torchvision_models,
+    torchvision_input,
+    torchvision_options,
+)
 
 __all__ = [
     "COMMON_ARGS", "ModelEntry", "register_model", "build_model", "list_models", "model_names",
