@@ -300,3 +300,25 @@ def test_signal_command_bad_input_exits_2_and_writes_nothing(capsys, tmp_path, a
     assert captured.out == ""
     assert len(captured.err.strip().splitlines()) == 1 and captured.err.startswith("reslab: error:")
     assert not out.exists()
+
+
+def test_signal_and_inspect_outputs_that_cannot_be_written_are_one_line_before_any_work(capsys, tmp_path):
+    from reslab.cli import main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for argv in (["signal", "plain20", "--norm", "bn", "--batch-size", "4", "--out", str(blocker / "out")],
+                 ["signal", "plain20", "--norm", "bn", "--batch-size", "4", "--out", str(blocker)],
+                 ["inspect", "cifar_resnet20", "--plot", str(blocker / "init.png")]):
+        assert main(argv) == 2, argv
+        out, err = capsys.readouterr()
+        assert "cannot be written" in err and len(err.strip().splitlines()) == 1 and not out, (argv, err)
+    assert blocker.read_text() == ""
+
+
+def test_signal_default_folder_of_a_torchvision_model_has_no_colon(capsys, tmp_path, monkeypatch):
+    from reslab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["signal", "tv:resnet18", "--batch-size", "2"]) == 0
+    assert (tmp_path / "signal" / "tv_resnet18" / "signal.csv").is_file()

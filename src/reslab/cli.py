@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
@@ -139,6 +140,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     from .models import build_model, model_input
     from .norms import describe_norm_layers
 
+    if args.plot:
+        _check_out_dir(Path(args.plot).parent, "--plot", repr(args.plot))
     options = parse_key_values(args.option, "model option")
     channels, size = model_input(args.model)
     channels = args.in_channels or channels
@@ -464,20 +467,30 @@ def _add_signal_arguments(parser: argparse.ArgumentParser) -> None:
                         "default signal/MODEL")
 
 
+def _check_out_dir(folder: Path, flag: str, given: str | None = None) -> None:
+    """A one-line SpecError, before any work, where ``folder`` cannot be created or written
+    into; the message names ``given`` (what the user typed) or else the folder."""
+    from .fileio import unwritable_reason
+
+    problem = unwritable_reason(folder)
+    if problem is not None:
+        raise SpecError(f"{flag} {given or repr(str(folder))} cannot be written: {problem}")
+
+
 @command("signal", "signal propagation at init: activation and gradient scale per block, per (norm, init)",
          _add_signal_arguments)
 def run_signal(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .diagnose import format_signal_table, signal_csv, signal_propagation, signal_unit
     from .fileio import atomic_write_text
     from .plots import plot_signal
 
     options = parse_key_values(args.option, "model option")
+    # the default folder is named after the model, with what a file name cannot hold (tv:NAME's colon) as _
+    out = Path(args.out or Path("signal") / "".join(c if c.isalnum() or c in "-_.=" else "_" for c in args.model))
+    _check_out_dir(out, "--out")
     # Everything is checked and measured before anything is written.
     rows = signal_propagation(args.model, args.norm, args.init, dataset=args.dataset, data_dir=args.data_dir,
                               download=args.download, batch_size=args.batch_size, seed=args.seed, options=options)
-    out = Path(args.out or Path("signal") / args.model)
     source = f"{args.dataset} train images" if args.dataset else "N(0,1) noise, random labels"
     csv_path = atomic_write_text(out / "signal.csv", signal_csv(rows))
     png_path = plot_signal(rows, out / "signal.png", xlabel=signal_unit(args.model, options),
