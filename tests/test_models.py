@@ -260,7 +260,7 @@ def test_simple_cnn_flatten_head_refuses_another_input_size_and_bad_heads():
 def test_seeds_cnn_with_bn_reaches_94_percent_on_mnist5k_in_two_epochs(tmp_path):
     """The seeds' CNN (flatten head) with BN: SGD 0.01, momentum 0.9, batch 32, 2 epochs."""
     from reslab.config import TrainConfig
-    from reslab.train import train
+    from reslab.training import train
 
     result = train(TrainConfig(model="simple_cnn", norm="bn", dataset="mnist5k", epochs=2, batch_size=32,
                                optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, progress="none",

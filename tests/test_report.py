@@ -17,7 +17,7 @@ import pytest
 
 from reslab.config import TrainConfig
 from reslab.errors import SpecError
-from reslab.report import NEVER_GROUP, report
+from reslab.reporting import NEVER_GROUP, report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -75,7 +75,7 @@ def read_csv(path):
 
 
 def test_csv_has_exact_means_stds_and_counts(init_sweep, caplog):
-    with caplog.at_level("INFO", logger="reslab.report"):
+    with caplog.at_level("INFO", logger="reslab.reporting"):
         result = report(init_sweep)
     assert "1 of 7 runs have not finished" in caplog.text
     rows = read_csv(init_sweep / "report.csv")

@@ -20,7 +20,7 @@ import reslab
 from reslab.cli import main, parse_args, train_config_from_args
 from reslab.config import TrainConfig, config_from_dict
 from reslab.errors import SpecError
-from reslab.train import Trainer, build_for, check_config, train
+from reslab.training import Trainer, build_for, check_config, train
 
 SYNTH = "synthetic:train=192,test=64,size=8,channels=1,classes=4"
 TINY = ["--dataset", SYNTH, "--model", "simple_cnn", "--norm", "gn", "--batch-size", "32", "--optimizer", "sgd",
@@ -234,7 +234,7 @@ def test_one_failing_rank_ends_the_job_and_records_why(tmp_path):
     script = tmp_path / "fail_rank1.py"
     script.write_text(textwrap.dedent("""
         import os, sys
-        import reslab.train as t
+        import reslab.training as t
         original = t.Trainer.train_epoch
         def train_epoch(self, progress):
             if self.dist.rank == 1 and self.epoch == 1:

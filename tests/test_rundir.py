@@ -17,7 +17,7 @@ from reslab.config import TrainConfig
 from reslab.errors import SpecError
 from reslab.rundir import CHECKPOINT_FILE, CONFIG_FILE, MODEL_STATE, read_summary, run_status
 from reslab.evaluate import load_run
-from reslab.train import train
+from reslab.training import train
 
 DATASET = "synthetic:train=192,test=64,size=8,channels=1,classes=4,noise=120"
 TINY = {"model": "simple_cnn", "dataset": DATASET, "epochs": 1, "batch_size": 32, "progress": "none"}
@@ -103,9 +103,9 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_reslab_module_imports_one_that_imports_it_back():
     graph = import_graph(Path(reslab.__file__).parent, "reslab")
-    assert {"reslab.rundir", "reslab.report", "reslab.sweep", "reslab.train"} <= graph.keys()
-    assert "reslab.rundir" in graph["reslab.report"] and "reslab.rundir" in graph["reslab.sweep"]
-    assert "reslab.report" in graph["reslab.sweep"]  # the sweep writes its report: the one direction left
+    assert {"reslab.rundir", "reslab.reporting", "reslab.sweeps", "reslab.training"} <= graph.keys()
+    assert "reslab.rundir" in graph["reslab.reporting"] and "reslab.rundir" in graph["reslab.sweeps"]
+    assert "reslab.reporting" in graph["reslab.sweeps"]  # the sweep writes its report: the one direction left
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
@@ -126,8 +126,8 @@ def test_cycle_finder_sees_function_level_and_relative_imports(tmp_path):
 
 
 def test_old_module_names_still_import():
-    from reslab import report, rundir, sweep
-    from reslab import train as train_module
+    from reslab import reporting as report, rundir, sweeps as sweep
+    from reslab import training as train_module
 
     for name in ("CONFIG_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "SUMMARY_FILE", "STEPS_FILE", "read_summary"):
         assert getattr(train_module, name) is getattr(rundir, name)

@@ -174,7 +174,7 @@ def test_a_sweep_on_a_terminal_shows_one_bar_for_all_its_runs(tmp_path):
 
 
 def test_a_study_runs_with_its_own_jobs_unless_told_otherwise(capsys, tmp_path, monkeypatch):
-    from reslab import sweep as sweep_module
+    from reslab import sweeps as sweep_module
 
     seen = []
     monkeypatch.setattr(sweep_module, "run_local", lambda configs, jobs, on_done: seen.append(jobs))

@@ -13,8 +13,8 @@ import pytest
 from reslab.cli import main
 from reslab.errors import SpecError
 from reslab.studies import shipped_studies
-from reslab import sweep as sweep_module
-from reslab.sweep import expand, run_id, sweep
+from reslab import sweeps as sweep_module
+from reslab.sweeps import expand, run_id, sweep
 
 TINY = {"dataset": "synthetic:train=128,test=32,size=8,channels=1,classes=4", "model": "simple_cnn", "norm": "gn",
         "batch_size": 32, "optimizer": "sgd", "lr": 0.05, "progress": "none", "epochs": 2}
@@ -336,16 +336,16 @@ def test_sweep_config_file_with_a_policy_mapping_and_lists(capsys, tmp_path):
 def test_out_of_memory_while_building_a_run_fails_that_run_only(capsys, tmp_path, monkeypatch):
     import torch
 
-    import reslab.train
+    import reslab.training
 
-    original = reslab.train.Trainer.__init__
+    original = reslab.training.Trainer.__init__
 
     def build(self, cfg, *args, **kwargs):
         if cfg.norm == "gn":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
         original(self, cfg, *args, **kwargs)
 
-    monkeypatch.setattr(reslab.train.Trainer, "__init__", build)
+    monkeypatch.setattr(reslab.training.Trainer, "__init__", build)
     out = tmp_path / "s"
     argv = ["sweep", *ONE_EPOCH_FLAGS, "--epochs", "1", "--norm", "gn,bn", "--out", str(out)]
     code, stdout, err = cli(capsys, *argv)
@@ -360,7 +360,7 @@ def test_out_of_memory_while_building_a_run_fails_that_run_only(capsys, tmp_path
     report_md = (out / "report.md").read_text()
     assert "| gn | 1 | 0 | 0 |" in report_md and "1 run failed" in report_md  # listed, out of the means
 
-    monkeypatch.setattr(reslab.train.Trainer, "__init__", original)  # the memory is back: rerun retries it
+    monkeypatch.setattr(reslab.training.Trainer, "__init__", original)  # the memory is back: rerun retries it
     code, stdout, err = cli(capsys, *argv)
     assert code == 0, err
     assert summary_of(out / "norm=gn-seed=0")["status"] == "completed" and "1 already finished" in stdout

@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-import reslab.train as train_module
+import reslab.training as train_module
 from reslab.cli import main
 from reslab.config import TrainConfig
 from reslab.tblog import TensorBoardLog
-from reslab.train import train
+from reslab.training import train
 
 needs_tensorboard = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
                                        reason="the tensorboard package is not installed")
@@ -211,7 +211,7 @@ def test_without_the_package_it_is_one_line_before_any_work(capsys, tmp_path, mo
 
 
 def test_tensorboard_is_imported_only_when_asked_for():
-    code = ("import sys, reslab, reslab.train, reslab.cli; "
+    code = ("import sys, reslab, reslab.training, reslab.cli; "
             "print(sorted(m for m in sys.modules if 'tensorboard' in m))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -15,7 +15,7 @@ import yaml
 from reslab.cli import main
 from reslab.config import TrainConfig, named_configs
 from reslab.optim import make_scheduler
-from reslab.train import train
+from reslab.training import train
 
 TINY = ["--dataset", "synthetic:train=192,test=64,size=8,channels=1,classes=4", "--model", "simple_cnn",
         "--norm", "gn", "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05", "--progress", "none"]

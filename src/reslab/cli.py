@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -213,7 +213,7 @@ def _resolve_train(args: argparse.Namespace) -> dict[str, Any]:
 
 @command("train", "train one model on one dataset into a run directory", add_config_flags, _resolve_train)
 def run_train(args: argparse.Namespace) -> int:
-    from .train import RunFailed, train
+    from .training import RunFailed, train
 
     try:
         result = train(train_config_from_args(args))
@@ -316,8 +316,8 @@ def _print_sweep_end(result, report_obj) -> int:
 
 @command("sweep", "run a grid of training runs: any train flag takes a comma list", _add_sweep_arguments)
 def run_sweep(args: argparse.Namespace) -> int:
-    from .report import report
-    from .sweep import sweep
+    from .reporting import report
+    from .sweeps import sweep
 
     base, grid = _split_grid(args)
     out = getattr(args, "out", None) or "sweeps/sweep"
@@ -332,49 +332,37 @@ def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _study_plan(args: argparse.Namespace):
-    from .studies import get_study
+    from .studies import get_study, plan_study
 
     if not getattr(args, "name", None):
         raise UsageError("study: name a shipped study (reslab list studies) or a study YAML file")
     study = get_study(args.name)
     base, grid = _split_grid(args)
-    plan_grid = {k: v for k, v in study.grid.items() if k not in base and k not in grid}
-    plan_grid.update(grid)
-    plan_base = {k: v for k, v in study.base.items() if k not in plan_grid}
-    plan_base.update(base)
-    seeds = _seeds(args.seeds) if hasattr(args, "seeds") else list(study.seeds)
+    planned = plan_study(study, base, grid, _seeds(args.seeds) if hasattr(args, "seeds") else None)
     out = getattr(args, "out", None) or f"studies/{study.name}"
     jobs = args.jobs if hasattr(args, "jobs") else study.jobs
-    return study, plan_base, plan_grid, seeds, out, jobs
+    return planned, out, jobs
 
 
 def _resolve_study(args: argparse.Namespace) -> dict[str, Any]:
-    study, base, grid, seeds, out, jobs = _study_plan(args)
-    return {"study": study.name, "claim": study.claim, "base": base, "grid": grid, "seeds": seeds, "out": out,
-            "jobs": jobs}
+    planned, out, jobs = _study_plan(args)
+    return {"study": planned.name, "claim": planned.claim, "base": planned.base, "grid": planned.grid,
+            "seeds": list(planned.seeds), "out": out, "jobs": jobs}
 
 
 @command("study", "run a named, documented sweep and report that reproduces a claim", _add_study_arguments,
          _resolve_study)
 def run_study(args: argparse.Namespace) -> int:
-    from .report import report
-    from .sweep import sweep
+    from .sweeps import study
 
-    from .studies import study_from_dict, write_study
-
-    study, base, grid, seeds, out, jobs = _study_plan(args)
-    planned = replace(study, base=base, grid=grid, seeds=tuple(seeds))
-    study_from_dict(planned.to_dict(), repr(study.name))  # the study as it will run is valid, before any work
-    print(f"study {study.name}: {study.claim}")
-    if study.notes:
-        print(f"  {study.notes}")
-    result = sweep(base, grid, seeds=seeds, out=out, jobs=jobs, launcher=args.launcher,
-                   launcher_options=parse_key_values(args.launcher_option, "launcher option"), write_report=False,
+    planned, out, jobs = _study_plan(args)  # checked before any work
+    print(f"study {planned.name}: {planned.claim}")
+    if planned.notes:
+        print(f"  {planned.notes}")
+    result = study(args.name, out=out, base=planned.base, grid=planned.grid, seeds=planned.seeds, jobs=jobs,
+                   launcher=args.launcher, launcher_options=parse_key_values(args.launcher_option, "launcher option"),
                    restart=args.restart)
-    # The study as it ran (overrides included) goes beside its runs: the report, now and
-    # whenever `reslab report` reads the directory again, judges the claim from them.
-    write_study(planned, result.out)
-    return _print_sweep_end(result, report(result.out))
+    return _print_sweep_end(result.sweep, result.report)
 
 
 def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
@@ -385,7 +373,7 @@ def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("report", "tables and plots over the runs in a directory: mean and std over seeds", _add_report_arguments)
 def run_report(args: argparse.Namespace) -> int:
-    from .report import report
+    from .reporting import report
 
     group_by = [g.strip().replace("-", "_") for g in args.group_by.split(",")] if args.group_by else None
     result = report(args.directory, group_by=group_by)

@@ -27,7 +27,7 @@ from .rundir import (
     read_summary,
     require_run_dir,
 )
-from .train import build_for, evaluate_model, resolve_device, run_dataset, uses_channels_last
+from .training import build_for, evaluate_model, resolve_device, run_dataset, uses_channels_last
 
 EVAL_SPLITS = ("test", "val", "train")
 

@@ -27,7 +27,7 @@ there.  No study needs Python code.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +87,14 @@ def study_from_dict(data: Mapping[str, Any], where: str) -> Study:
     unknown = [k for k in data if k not in _KEYS]
     if unknown:
         raise SpecError(f"study {where}: unknown key {unknown[0]!r}; valid keys: {', '.join(_KEYS)}")
-    for key in ("name", "claim", "grid", "verdict"):
+    for key in ("name", "claim", "verdict"):
         if not data.get(key):
             raise SpecError(f"study {where}: missing {key!r}")
+    if "grid" not in data:  # (an empty grid is one config over the seeds: `--FIELD VALUE` narrowing its only axis)
+        raise SpecError(f"study {where}: missing 'grid'")
     name, claim = str(data["name"]), " ".join(str(data["claim"]).split())
     base = data.get("base") or {}
-    grid = data["grid"]
+    grid = data["grid"] or {}
     if not isinstance(base, Mapping) or not isinstance(grid, Mapping):
         raise SpecError(f"study {where}: 'base' and 'grid' must be mappings of train option: value(s)")
     for axis, values in grid.items():
@@ -171,11 +173,30 @@ def read_study(directory: str | Path) -> Study | None:
     return load_study_file(file) if file.is_file() else None
 
 
+def plan_study(study: Study, base: Mapping[str, Any] | None = None, grid: Mapping[str, Sequence[Any]] | None = None,
+               seeds: Sequence[int] | None = None) -> Study:
+    """``study`` with overrides, as ``reslab study NAME --field value[,value...]`` runs it.
+
+    A ``base`` value fixes a field (an axis of the study's grid included: it leaves the
+    grid), a ``grid`` list makes it an axis (replacing the study's own); ``seeds``
+    replaces the study's seeds.  Returns the planned study, checked: its verdict checks
+    may select on any field it sets.  SpecError if the overrides leave it invalid.
+    """
+    base, grid = dict(base or {}), {k: list(v) for k, v in (grid or {}).items()}
+    plan_grid = {k: v for k, v in study.grid.items() if k not in base and k not in grid}
+    plan_grid.update(grid)
+    plan_base = {k: v for k, v in study.base.items() if k not in plan_grid}
+    plan_base.update(base)
+    planned = replace(study, base=plan_base, grid=plan_grid, seeds=tuple(study.seeds if seeds is None else seeds))
+    study_from_dict(planned.to_dict(), repr(study.name))
+    return planned
+
+
 def write_study(study: Study, directory: str | Path) -> Path:
     from .fileio import atomic_write_text
 
     return atomic_write_text(Path(directory) / STUDY_FILE, yaml.safe_dump(study.to_dict(), sort_keys=False))
 
 
-__all__ = ["STUDY_FILE", "VERDICT_FILE", "Study", "get_study", "list_studies", "load_study_file", "read_study",
-           "shipped_studies", "study_from_dict", "write_study"]
+__all__ = ["STUDY_FILE", "VERDICT_FILE", "Study", "get_study", "list_studies", "load_study_file", "plan_study",
+           "read_study", "shipped_studies", "study_from_dict", "write_study"]

@@ -45,7 +45,7 @@ from .config import TrainConfig, config_from_dict, describe_differences, differi
 from .errors import SpecError
 from .fileio import atomic_write_json, atomic_write_text, unwritable_reason
 from .rundir import CONFIG_FILE, SUMMARY_FILE, UnreadableRecord, read_config, run_numbers, run_status, write_sweep_plan
-from .train import check_config, preflight
+from .training import check_config, preflight
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def _run_output(cfg: TrainConfig) -> Iterator[str | None]:
     if log.isEnabledFor(logging.DEBUG):
         yield "log"
         return
-    run_log = logging.getLogger("reslab.train")
+    run_log = logging.getLogger("reslab.training")
     level = run_log.level
     run_log.setLevel(logging.WARNING)
     try:
@@ -206,7 +206,7 @@ def _run_output(cfg: TrainConfig) -> Iterator[str | None]:
 
 
 def _execute(cfg_dict: dict[str, Any]) -> tuple[str, str]:
-    from .train import train
+    from .training import train
 
     cfg = config_from_dict(cfg_dict)
     error = None
@@ -466,7 +466,56 @@ def sweep(
         if run.run_id not in result.statuses:
             result.statuses[run.run_id] = run_status(Path(run.config.out)) or "failed"
     if write_report:
-        from .report import report
+        from .reporting import report
 
         report(out)
     return result
+
+
+@dataclass
+class StudyResult:
+    """What :func:`study` ran and judged: the study as planned, its sweep and its report."""
+
+    study: Any  # reslab.studies.Study, with the overrides it ran with
+    sweep: SweepResult
+    report: Any  # reslab.reporting.Report; its ``verdict`` is the study's
+
+    @property
+    def verdict(self) -> Any:
+        """The claim judged from the runs (``.verdict`` is supported, not supported or inconclusive)."""
+        return self.report.verdict
+
+
+def study(
+    name: str | Path,
+    *,
+    out: str | Path | None = None,
+    base: Mapping[str, Any] | None = None,
+    grid: Mapping[str, Sequence[Any]] | None = None,
+    seeds: Sequence[int] | None = None,
+    jobs: int | None = None,
+    launcher: str = "local",
+    launcher_options: Mapping[str, Any] | None = None,
+    restart: bool = False,
+) -> StudyResult:
+    """Run a study as ``reslab study`` does and judge its claim from its runs.
+
+    ``name``: a shipped study (``reslab list studies``) or a study YAML file.
+    ``base`` / ``grid`` / ``seeds`` override the study's (see
+    :func:`reslab.studies.plan_study`); ``jobs`` defaults to the study's own;
+    ``out`` to ``studies/NAME``.  Writes the runs, ``study.yaml`` (the study as it
+    ran), the report and ``verdict.json`` into ``out``; returns a
+    :class:`StudyResult` whose ``verdict`` says whether the claim held.
+    """
+    from .reporting import report
+    from .studies import get_study, plan_study, write_study
+
+    found = get_study(str(name))
+    planned = plan_study(found, base, grid, seeds)
+    result = sweep(planned.base, planned.grid, seeds=planned.seeds, out=out or f"studies/{found.name}",
+                   jobs=found.jobs if jobs is None else jobs, launcher=launcher,
+                   launcher_options=launcher_options, write_report=False, restart=restart)
+    # The study as it ran goes beside its runs: the report, now and whenever `reslab report`
+    # reads the directory again, judges the claim from them.
+    write_study(planned, result.out)
+    return StudyResult(study=planned, sweep=result, report=report(result.out))
