@@ -4,7 +4,7 @@
 One process, one model, one batch size, the same synthetic CIFAR-shaped images
 (uint8 3x32x32, 10 classes) on both sides:
 
-* **reslab** - ``reslab.train.Trainer.train_epoch``, the loop ``reslab train``
+* **reslab** - ``reslab.training.Trainer.train_epoch``, the loop ``reslab train``
   runs: device-resident uint8 images, batched random crop (pad 4) + flip and
   normalization on the device, SGD with momentum, the per-step LR scheduler and
   the periodic non-finite-loss check.  ``--precision`` and ``--channels-last``
@@ -136,7 +136,7 @@ class ReslabSide:
 
     def __init__(self, args, precision: str, channels_last: str, out: Path):
         from reslab.config import TrainConfig
-        from reslab.train import Trainer, check_config, resolve_device
+        from reslab.training import Trainer, check_config, resolve_device
 
         self.cfg = TrainConfig(
             model=args.model, norm=args.norm, init=args.init, stem=args.stem,
@@ -414,7 +414,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default=None, metavar="PATH", help="also write the numbers as JSON here")
     args = p.parse_args(argv)
 
-    from reslab.train import resolve_device
+    from reslab.training import resolve_device
 
     args.device = resolve_device(args.device)
     cuda = args.device.type == "cuda"
