@@ -1,4 +1,4 @@
-"""reslab.data: every dataset loads what PRODUCT.md section 4 promises, and batches as documented."""
+"""reslab.data and reslab.datasets: every dataset loads what PRODUCT.md section 4 promises, and batches as documented."""
 
 import os
 import pickle
@@ -9,9 +9,8 @@ import pytest
 import torch
 import torchvision
 
-from reslab.data import (
-    Augment,
-    Dataset,
+from reslab.data import Augment, Dataset
+from reslab.datasets import (
     DatasetMissing,
     cache_file,
     channel_stats,
@@ -396,7 +395,7 @@ def test_to_device_and_describe():
 
 
 def test_a_synthetic_dataset_too_large_to_hold_is_one_line_before_any_allocation():
-    from reslab.data import SYNTHETIC_MAX_PIXELS
+    from reslab.datasets import SYNTHETIC_MAX_PIXELS
 
     with pytest.raises(SpecError, match="would hold .* pixel values; at most"):
         load_dataset("synthetic:train=99999999999999999999")

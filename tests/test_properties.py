@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from reslab.config import TrainConfig, config_from_dict, load_config_file  # noqa: E402
-from reslab.data import dataset_names, parse_dataset_spec  # noqa: E402
+from reslab.datasets import dataset_names, parse_dataset_spec  # noqa: E402
 from reslab.errors import SpecError  # noqa: E402
 from reslab.inits import init_names, parse_policy, resolve_init  # noqa: E402
 from reslab.norms import make_norm, norm_names  # noqa: E402

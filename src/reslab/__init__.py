@@ -37,11 +37,11 @@ _EXPORTS: dict[str, str | tuple[str, str]] = {
     "list_inits": "inits",
     "build_model": "models",
     "list_models": "models",
-    "load_dataset": "data",
+    "load_dataset": "datasets",
     "load_run": "evaluate",
     "LoadedRun": "evaluate",
     "evaluate_run": "evaluate",
-    "list_datasets": "data",
+    "list_datasets": "datasets",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -73,7 +73,7 @@ def _add_list_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _list_sources() -> dict[str, Callable[[], dict[str, str]]]:
-    from .data import list_datasets
+    from .datasets import list_datasets
     from .inits import list_inits
     from .models import list_models
     from .norms import list_norms

@@ -238,7 +238,8 @@ def signal_propagation(
     by building the model) before anything runs; bad ones raise :class:`SpecError`.
     Rows come combination by combination (norms outer, inits inner), points in forward order.
     """
-    from .data import Dataset, load_dataset
+    from .data import Dataset
+    from .datasets import load_dataset
     from .inits import init_weights, parse_policy
     from .models import build_model, model_input
 

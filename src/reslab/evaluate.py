@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
-from .data import Dataset, load_dataset
+from .data import Dataset
+from .datasets import load_dataset
 from .errors import SpecError, choices_error
 from .rundir import (
     CHECKPOINT_FILE,

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EXECUTION_FIELDS, PROGRESS, TrainConfig, config_from_dict, describe_differences, resume_conflicts
-from .data import Dataset, load_dataset
+from .data import Dataset
+from .datasets import load_dataset
 from .diagnose import count_params
 from .errors import SpecError, choices_error
 from .fileio import unwritable_reason, append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text, read_jsonl, rewrite_jsonl
