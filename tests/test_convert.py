@@ -365,3 +365,12 @@ def test_init_weights_on_any_model():
     assert count_rows(report, "norm") == 40
     assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in model.modules()
                if isinstance(m, nn.GroupNorm))
+
+
+def test_batch_renorm_converts_both_ways():
+    model = reslab.build_model("cifar_resnet20", norm="brn", num_classes=10)
+    model, report = reslab.convert_norms(model, "gn")
+    assert report.counts == {"BatchRenorm2d": 19} and not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    model, report = reslab.convert_norms(model, "brn:r_max=2,d_max=1")
+    assert report.counts == {"GroupNorm": 19}
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)

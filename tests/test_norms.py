@@ -41,7 +41,7 @@ def _perturb_affine(*modules):
 
 
 def test_registry_lists_every_spec_with_description():
-    assert set(norm_names()) == {"bn", "gn", "ln", "in", "rms", "none"}
+    assert set(norm_names()) == {"bn", "brn", "gn", "ln", "in", "rms", "none"}
     for name, description in list_norms().items():
         assert description and "\n" not in description, name
 
@@ -264,7 +264,7 @@ def test_factory_resolves_once_and_builds_many():
         ("gn:cpg=x", 64, ["'x'", "cpg"]),
         ("gn:min=16", 64, ["'min'", "groups, cpg, eps"]),
         ("rms:eps=0", 64, ["'0'", "eps", "positive"]),
-        ("batchnorm", 64, ["'batchnorm'", "bn, gn, in, ln, none, rms"]),
+        ("batchnorm", 64, ["'batchnorm'", "bn, brn, gn, in, ln, none, rms"]),
         ("gn:groups=x", 64, ["'x'", "groups"]),
         ("bn:mom=0.1", 64, ["'mom'", "momentum, eps"]),
         ("bn:momentum=2", 64, ["'2'", "[0, 1]"]),
@@ -404,3 +404,77 @@ def test_bn_ghost_and_splits_are_one_or_the_other():
         make_norm("bn:ghost=2,splits=4", 8)
     with pytest.raises(SpecError, match="'0'.*splits"):
         make_norm("bn:splits=0", 8)
+
+
+# --- Batch Renormalization (Ioffe 2017) ------------------------------------------------
+
+
+def _brn(spec, channels=6):
+    torch.manual_seed(0)
+    layer = make_norm(spec, channels)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+    return layer
+
+
+def test_brn_with_r_max_1_and_d_max_0_is_batchnorm2d():
+    brn, bn = _brn("brn:r_max=1,d_max=0"), nn.BatchNorm2d(6)
+    bn.load_state_dict(brn.state_dict())
+    for step in range(3):
+        x = (torch.randn(8, 6, 4, 4) * 3 + step).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        y, y2 = brn(x), bn(x2)
+        assert torch.allclose(y, y2, atol=1e-5)
+        (y * torch.arange(y.numel()).view_as(y).sin()).sum().backward()
+        (y2 * torch.arange(y2.numel()).view_as(y2).sin()).sum().backward()
+        assert torch.allclose(x.grad, x2.grad, atol=1e-5)
+    assert torch.allclose(brn.running_mean, bn.running_mean, atol=1e-5)
+    assert torch.allclose(brn.running_var, bn.running_var, atol=1e-5)
+    brn.eval(), bn.eval()
+    x = torch.randn(5, 6, 4, 4)
+    assert torch.allclose(brn(x), bn(x), atol=1e-5)
+
+
+def test_brn_follows_the_papers_formula_and_stops_the_gradient_through_r_and_d():
+    layer = _brn("brn:r_max=2,d_max=0.5")
+    with torch.no_grad():
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.2, 4)
+    mu, sigma = layer.running_mean.clone(), (layer.running_var + layer.eps).sqrt()
+    x = (torch.randn(8, 6, 3, 3) * 2 + 0.5).requires_grad_()
+    y = layer(x)
+    # a direct computation: batch statistics, r and d clipped and detached
+    xd = x.detach().clone().requires_grad_()
+    mean = xd.mean(dim=(0, 2, 3))
+    std = (xd.var(dim=(0, 2, 3), unbiased=False) + layer.eps).sqrt()
+    r = (std / sigma).clamp(1 / 2, 2).detach()
+    d = ((mean - mu) / sigma).clamp(-0.5, 0.5).detach()
+    v = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
+    expected = ((xd - v(mean)) / v(std) * v(r) + v(d)) * v(layer.weight) + v(layer.bias)
+    assert torch.allclose(y, expected, atol=1e-5)
+    y.pow(2).sum().backward()
+    expected.pow(2).sum().backward()
+    assert torch.allclose(x.grad, xd.grad, atol=1e-4)
+    # where the clips do not bind, training normalizes with the running statistics, as eval does
+    wide = _brn("brn:r_max=100,d_max=100")
+    with torch.no_grad():
+        wide.running_mean.copy_(mu)
+        wide.running_var.copy_(layer.running_var * 0 + sigma.square() - wide.eps)
+    x = torch.randn(8, 6, 3, 3)
+    trained = wide(x)
+    direct = (x - v(mu)) / v(sigma) * v(wide.weight) + v(wide.bias)
+    assert torch.allclose(trained, direct, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec, fragment", [("brn:r_max=0.5", "r_max must be at least 1"),
+                                            ("brn:d_max=-1", "'-1' for argument 'd_max'"),
+                                            ("brn:r_max=x", "'x' for argument 'r_max'")])
+def test_brn_bad_arguments_are_one_line_before_any_layer(capsys, tmp_path, spec, fragment):
+    from reslab.cli import main
+
+    with pytest.raises(SpecError, match=fragment.replace("(", r"\(")):
+        norm_factory(spec)
+    assert main(["train", "--norm", spec, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()

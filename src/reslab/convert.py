@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .errors import SpecError
-from .norms import GhostBatchNorm2d, InstanceNorm2dAffine, LayerNorm2d, RMSNorm2d, norm_factory
+from .norms import BatchRenorm2d, GhostBatchNorm2d, InstanceNorm2dAffine, LayerNorm2d, RMSNorm2d, norm_factory
 from .specs import Spec
 
 # Tensors carried from the old layer to the new one, where both have them with the same shape.
@@ -105,7 +105,7 @@ def _frozen_bn_type() -> type | None:
 def _known_forwards(frozen: type | None) -> frozenset:
     """The forward functions of the layers convert_norms knows to be a plain per-channel norm."""
     classes = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
-               nn.LayerNorm, nn.RMSNorm, GhostBatchNorm2d, RMSNorm2d, RMSNormNd, frozen)
+               nn.LayerNorm, nn.RMSNorm, GhostBatchNorm2d, BatchRenorm2d, RMSNorm2d, RMSNormNd, frozen)
     return frozenset(cls.forward for cls in classes if cls is not None)
 
 

@@ -58,6 +58,7 @@ from .specs import (
     Spec,
     bind,
     parse_spec,
+    nonnegative_float,
     positive_float,
     positive_int,
     unit_float,
@@ -250,6 +251,64 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         self.running_var.lerp_(variances.mean(0).to(self.running_var.dtype), factor)
 
 
+def check_renorm_limits(r_max: float, d_max: float) -> None:
+    """Batch Renormalization's clips: ``r_max >= 1`` and ``d_max >= 0``, or a one-line SpecError."""
+    if not r_max >= 1.0:
+        raise SpecError(f"norm 'brn:r_max={r_max:g}': r_max must be at least 1 (1 = no renormalization)")
+    if not d_max >= 0.0:
+        raise SpecError(f"norm 'brn:d_max={d_max:g}': d_max must be at least 0 (0 = no renormalization)")
+
+
+class BatchRenorm2d(nn.BatchNorm2d):
+    """Batch Renormalization (Ioffe 2017, arXiv 1702.03275): BN that trains with the statistics it evaluates with.
+
+    In training, with batch mean and std ``mu_B``, ``sigma_B`` and running ``mu``,
+    ``sigma = sqrt(running_var + eps)``::
+
+        r = stop_grad(clip(sigma_B / sigma, 1 / r_max, r_max))
+        d = stop_grad(clip((mu_B - mu) / sigma, -d_max, d_max))
+        y = ((x - mu_B) / sigma_B * r + d) * weight + bias
+
+    Where the clips do not bind, this is ``(x - mu) / sigma``: the running statistics,
+    as in evaluation, while gradients still flow through the batch statistics.
+    ``r_max = 1, d_max = 0`` is BatchNorm2d exactly.  Running averages are updated as
+    BatchNorm2d updates them (momentum, unbiased batch variance); evaluation is BatchNorm2d's.
+    The paper relaxes ``r_max`` from 1 to 3 and ``d_max`` from 0 to 5 over training; here
+    they are fixed by the spec (``brn:r_max=3,d_max=5``).
+    """
+
+    def __init__(self, num_features: int, r_max: float = 3.0, d_max: float = 5.0, eps: float = 1e-5,
+                 momentum: float | None = 0.1):
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        check_renorm_limits(r_max, d_max)
+        self.r_max, self.d_max = float(r_max), float(d_max)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r_max={self.r_max:g}, d_max={self.d_max:g}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W)
+        if not self.training:
+            return super().forward(x)
+        dims = [0, *range(2, x.dim())]
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        std = (var + self.eps).sqrt()
+        with torch.no_grad():
+            running_std = (self.running_var + self.eps).sqrt().to(std.dtype)
+            r = (std / running_std).clamp(1.0 / self.r_max, self.r_max)
+            d = ((mean - self.running_mean.to(mean.dtype)) / running_std).clamp(-self.d_max, self.d_max)
+            self._update_running(mean, var * (x.numel() / x.shape[1]) / max(x.numel() / x.shape[1] - 1, 1))
+        y = (x - mean.view(shape)) / std.view(shape) * r.view(shape) + d.view(shape)
+        return y * self.weight.view(shape) + self.bias.view(shape)
+
+    @torch.no_grad()
+    def _update_running(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        self.num_batches_tracked.add_(1)
+        factor = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+        self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), factor)
+
+
 @dataclass(frozen=True)
 class NormEntry:
     name: str
@@ -340,6 +399,13 @@ register_norm(NormEntry(
     "rms", "RMSNorm over channels at each position (nn.RMSNorm), scale only; eps 1e-6 (rms:eps=...)",
     {"eps": positive_float},
     lambda c, eps=RMS_EPS: RMSNorm2d(c, eps=eps),
+))
+register_norm(NormEntry(
+    "brn", "Batch Renormalization (Ioffe 2017): BN whose training output uses the running statistics through "
+           "clipped r, d corrections; brn:r_max=R,d_max=D (default 3, 5; r_max=1,d_max=0 is bn)",
+    {"r_max": positive_float, "d_max": nonnegative_float, "momentum": unit_float, "eps": positive_float},
+    lambda c, r_max=3.0, d_max=5.0, momentum=0.1, eps=1e-5: BatchRenorm2d(c, r_max, d_max, eps=eps, momentum=momentum),
+    lambda spec, kwargs: check_renorm_limits(kwargs.get("r_max", 3.0), kwargs.get("d_max", 5.0)),
 ))
 register_norm(NormEntry(
     "none", "no normalization (Identity)",

@@ -125,6 +125,13 @@ def positive_float(value: str) -> float:
     return result
 
 
+def nonnegative_float(value: str) -> float:
+    result = to_float(value)
+    if result < 0:
+        raise ValueError("must be >= 0")
+    return result
+
+
 def unit_float(value: str) -> float:
     """A number in the closed interval [0, 1]."""
     result = to_float(value)
