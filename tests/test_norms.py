@@ -364,6 +364,7 @@ def test_ghost_bn_bad_values_are_clear_errors():
 
 
 def _split_layer(spec, channels=6):
+    """The norm ``spec`` over ``channels`` with a seeded, non-trivial affine."""
     torch.manual_seed(0)
     layer = make_norm(spec, channels)
     with torch.no_grad():
@@ -409,17 +410,8 @@ def test_bn_ghost_and_splits_are_one_or_the_other():
 # --- Batch Renormalization (Ioffe 2017) ------------------------------------------------
 
 
-def _brn(spec, channels=6):
-    torch.manual_seed(0)
-    layer = make_norm(spec, channels)
-    with torch.no_grad():
-        layer.weight.uniform_(0.5, 1.5)
-        layer.bias.uniform_(-0.5, 0.5)
-    return layer
-
-
 def test_brn_with_r_max_1_and_d_max_0_is_batchnorm2d():
-    brn, bn = _brn("brn:r_max=1,d_max=0"), nn.BatchNorm2d(6)
+    brn, bn = _split_layer("brn:r_max=1,d_max=0"), nn.BatchNorm2d(6)
     bn.load_state_dict(brn.state_dict())
     for step in range(3):
         x = (torch.randn(8, 6, 4, 4) * 3 + step).requires_grad_()
@@ -437,7 +429,7 @@ def test_brn_with_r_max_1_and_d_max_0_is_batchnorm2d():
 
 
 def test_brn_follows_the_papers_formula_and_stops_the_gradient_through_r_and_d():
-    layer = _brn("brn:r_max=2,d_max=0.5")
+    layer = _split_layer("brn:r_max=2,d_max=0.5")
     with torch.no_grad():
         layer.running_mean.uniform_(-1, 1)
         layer.running_var.uniform_(0.2, 4)
@@ -457,7 +449,7 @@ def test_brn_follows_the_papers_formula_and_stops_the_gradient_through_r_and_d()
     expected.pow(2).sum().backward()
     assert torch.allclose(x.grad, xd.grad, atol=1e-4)
     # where the clips do not bind, training normalizes with the running statistics, as eval does
-    wide = _brn("brn:r_max=100,d_max=100")
+    wide = _split_layer("brn:r_max=100,d_max=100")
     with torch.no_grad():
         wide.running_mean.copy_(mu)
         wide.running_var.copy_(layer.running_var * 0 + sigma.square() - wide.eps)
