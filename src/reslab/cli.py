@@ -603,7 +603,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         return COMMANDS[args.command].run(args)
     except SpecError as exc:
-        print(f"reslab: error: {exc}", file=sys.stderr)
+        # one write, newline included: under torchrun every rank reports into the same
+        # stream, and print's separate write of the newline let two ranks' lines run together
+        sys.stderr.write(f"reslab: error: {exc}\n")
+        sys.stderr.flush()
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("reslab: interrupted", file=sys.stderr)
