@@ -21,6 +21,7 @@ import yaml
 
 from .config import load_config_file
 from .errors import SpecError
+from .fileio import require_writable_dir
 
 log = logging.getLogger("reslab")
 
@@ -141,7 +142,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     from .norms import describe_norm_layers
 
     if args.plot:
-        _check_out_dir(Path(args.plot).parent, "--plot", repr(args.plot))
+        require_writable_dir(Path(args.plot).parent, "--plot", repr(args.plot))
     options = parse_key_values(args.option, "model option")
     channels, size = model_input(args.model)
     channels = args.in_channels or channels
@@ -455,16 +456,6 @@ def _add_signal_arguments(parser: argparse.ArgumentParser) -> None:
                         "default signal/MODEL")
 
 
-def _check_out_dir(folder: Path, flag: str, given: str | None = None) -> None:
-    """A one-line SpecError, before any work, where ``folder`` cannot be created or written
-    into; the message names ``given`` (what the user typed) or else the folder."""
-    from .fileio import unwritable_reason
-
-    problem = unwritable_reason(folder)
-    if problem is not None:
-        raise SpecError(f"{flag} {given or repr(str(folder))} cannot be written: {problem}")
-
-
 @command("signal", "signal propagation at init: activation and gradient scale per block, per (norm, init)",
          _add_signal_arguments)
 def run_signal(args: argparse.Namespace) -> int:
@@ -475,7 +466,7 @@ def run_signal(args: argparse.Namespace) -> int:
     options = parse_key_values(args.option, "model option")
     # the default folder is named after the model, with what a file name cannot hold (tv:NAME's colon) as _
     out = Path(args.out or Path("signal") / "".join(c if c.isalnum() or c in "-_.=" else "_" for c in args.model))
-    _check_out_dir(out, "--out")
+    require_writable_dir(out, "--out")
     # Everything is checked and measured before anything is written.
     rows = signal_propagation(args.model, args.norm, args.init, dataset=args.dataset, data_dir=args.data_dir,
                               download=args.download, batch_size=args.batch_size, seed=args.seed, options=options)

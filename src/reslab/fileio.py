@@ -11,6 +11,8 @@ from typing import IO, Any
 
 import torch
 
+from .errors import SpecError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -107,3 +109,11 @@ def unwritable_reason(path: str | os.PathLike) -> str | None:
         return f"{str(existing)!r} does not accept new files ({exc.strerror or type(exc).__name__})"
     os.rmdir(probe)
     return None
+
+
+def require_writable_dir(folder: str | os.PathLike, flag: str, given: str | None = None) -> None:
+    """A one-line SpecError where ``folder`` cannot be created or written into (see
+    :func:`unwritable_reason`); the message names ``given`` (what was typed) or the folder."""
+    problem = unwritable_reason(folder)
+    if problem is not None:
+        raise SpecError(f"{flag} {given or repr(str(folder))} cannot be written: {problem}")

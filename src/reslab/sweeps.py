@@ -43,7 +43,7 @@ import torch
 
 from .config import TrainConfig, config_from_dict, describe_differences, differing_fields
 from .errors import SpecError
-from .fileio import atomic_write_json, atomic_write_text, unwritable_reason
+from .fileio import atomic_write_json, atomic_write_text, require_writable_dir
 from .rundir import CONFIG_FILE, SUMMARY_FILE, UnreadableRecord, read_config, run_numbers, run_status, write_sweep_plan
 from .training import check_config, preflight
 
@@ -422,9 +422,7 @@ def sweep(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SpecError(f"--out {str(out)!r} is a file, not a directory")
-    problem = unwritable_reason(out)
-    if problem is not None:
-        raise SpecError(f"--out {str(out)!r} cannot be written: {problem}")
+    require_writable_dir(out, "--out")
     runs = _grid_runs(base, grid, seeds, out)
     stale = stale_runs(runs)
     if stale and not restart:  # before the preflight: refused at once, with no dataset loaded (or downloaded)
