@@ -360,9 +360,8 @@ def run_study(args: argparse.Namespace) -> int:
     print(f"study {planned.name}: {planned.claim}")
     if planned.notes:
         print(f"  {planned.notes}")
-    result = study(args.name, out=out, base=planned.base, grid=planned.grid, seeds=planned.seeds, jobs=jobs,
-                   launcher=args.launcher, launcher_options=parse_key_values(args.launcher_option, "launcher option"),
-                   restart=args.restart)
+    result = study(planned, out=out, jobs=jobs, launcher=args.launcher,
+                   launcher_options=parse_key_values(args.launcher_option, "launcher option"), restart=args.restart)
     return _print_sweep_end(result.sweep, result.report)
 
 

@@ -485,7 +485,7 @@ class StudyResult:
 
 
 def study(
-    name: str | Path,
+    name: Any,
     *,
     out: str | Path | None = None,
     base: Mapping[str, Any] | None = None,
@@ -498,17 +498,17 @@ def study(
 ) -> StudyResult:
     """Run a study as ``reslab study`` does and judge its claim from its runs.
 
-    ``name``: a shipped study (``reslab list studies``) or a study YAML file.
-    ``base`` / ``grid`` / ``seeds`` override the study's (see
+    ``name``: a shipped study (``reslab list studies``), a study YAML file, or a
+    :class:`reslab.studies.Study` already loaded.  ``base`` / ``grid`` / ``seeds`` override the study's (see
     :func:`reslab.studies.plan_study`); ``jobs`` defaults to the study's own;
     ``out`` to ``studies/NAME``.  Writes the runs, ``study.yaml`` (the study as it
     ran), the report and ``verdict.json`` into ``out``; returns a
     :class:`StudyResult` whose ``verdict`` says whether the claim held.
     """
     from .reporting import report
-    from .studies import get_study, plan_study, write_study
+    from .studies import Study, get_study, plan_study, write_study
 
-    found = get_study(str(name))
+    found = name if isinstance(name, Study) else get_study(str(name))
     planned = plan_study(found, base, grid, seeds)
     result = sweep(planned.base, planned.grid, seeds=planned.seeds, out=out or f"studies/{found.name}",
                    jobs=found.jobs if jobs is None else jobs, launcher=launcher,
