@@ -41,7 +41,7 @@ def _perturb_affine(*modules):
 
 
 def test_registry_lists_every_spec_with_description():
-    assert set(norm_names()) == {"bn", "brn", "gn", "ln", "in", "rms", "none"}
+    assert set(norm_names()) == {"bn", "brn", "gn", "ln", "in", "rms", "frn", "evonorm", "none"}
     for name, description in list_norms().items():
         assert description and "\n" not in description, name
 
@@ -264,7 +264,7 @@ def test_factory_resolves_once_and_builds_many():
         ("gn:cpg=x", 64, ["'x'", "cpg"]),
         ("gn:min=16", 64, ["'min'", "groups, cpg, eps"]),
         ("rms:eps=0", 64, ["'0'", "eps", "positive"]),
-        ("batchnorm", 64, ["'batchnorm'", "bn, brn, gn, in, ln, none, rms"]),
+        ("batchnorm", 64, ["'batchnorm'", "bn, brn, evonorm, frn, gn, in, ln, none, rms"]),
         ("gn:groups=x", 64, ["'x'", "groups"]),
         ("bn:mom=0.1", 64, ["'mom'", "momentum, eps"]),
         ("bn:momentum=2", 64, ["'2'", "[0, 1]"]),

@@ -10,11 +10,14 @@ would have used, in place, and reports what it changed::
 Layers found (and not looked inside): ``nn.BatchNorm1d/2d/3d``,
 ``nn.SyncBatchNorm``, ``nn.GroupNorm`` (with reslab's ``LayerNorm2d`` and
 ``InstanceNorm2dAffine``), ``nn.InstanceNorm1d/2d/3d``, torchvision's
-``FrozenBatchNorm2d``, reslab's ``GhostBatchNorm2d`` and ``RMSNorm2d``, and
-``nn.LayerNorm`` / ``nn.RMSNorm`` over the channels alone (a
-``normalized_shape`` of length 1).  A LayerNorm over several dimensions is not
-a per-channel norm: it is left as it is and listed in ``report.skipped``.  A
-subclass of these with a ``forward`` of its own is refused.
+``FrozenBatchNorm2d``, reslab's ``GhostBatchNorm2d``, ``BatchRenorm2d``,
+``RMSNorm2d``, ``FilterResponseNorm2d`` and ``EvoNorm2dS0`` (those two only
+without their fused activation), and ``nn.LayerNorm`` / ``nn.RMSNorm`` over
+the channels alone (a ``normalized_shape`` of length 1).  A LayerNorm over
+several dimensions is not a per-channel norm: it is left as it is and listed
+in ``report.skipped``.  A subclass of these with a ``forward`` of its own is
+refused.  ``frn`` and ``evonorm`` are put in without their fused activation,
+since the model applies its own.
 
 reslab's norms are built for (N, C, H, W) input; the replacement for a layer
 that takes another rank keeps working on that rank (see :func:`convert_norms`).
@@ -31,7 +34,17 @@ import torch
 from torch import nn
 
 from .errors import SpecError
-from .norms import BatchRenorm2d, GhostBatchNorm2d, InstanceNorm2dAffine, LayerNorm2d, RMSNorm2d, norm_factory
+from .norms import (
+    BatchRenorm2d,
+    EvoNorm2dS0,
+    FilterResponseNorm2d,
+    GhostBatchNorm2d,
+    InstanceNorm2dAffine,
+    LayerNorm2d,
+    RMSNorm2d,
+    norm_activates,
+    norm_factory,
+)
 from .specs import Spec
 
 # Tensors carried from the old layer to the new one, where both have them with the same shape.
@@ -105,7 +118,8 @@ def _frozen_bn_type() -> type | None:
 def _known_forwards(frozen: type | None) -> frozenset:
     """The forward functions of the layers convert_norms knows to be a plain per-channel norm."""
     classes = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
-               nn.LayerNorm, nn.RMSNorm, GhostBatchNorm2d, BatchRenorm2d, RMSNorm2d, RMSNormNd, frozen)
+               nn.LayerNorm, nn.RMSNorm, GhostBatchNorm2d, BatchRenorm2d, RMSNorm2d, RMSNormNd,
+               FilterResponseNorm2d, EvoNorm2dS0, frozen)
     return frozenset(cls.forward for cls in classes if cls is not None)
 
 
@@ -113,9 +127,14 @@ def _layout(module: nn.Module, frozen: type | None) -> str | None:
     """The input layout of a norm layer convert_norms replaces; None for any other module.
 
     "skip" marks a LayerNorm / RMSNorm over more than the channels, "unknown" a subclass of a
-    norm with a forward of its own (an activation fused in, a permute): neither is replaced.
+    norm with a forward of its own (an activation fused in, a permute), "fused" an FRN or
+    EvoNorm that applies its activation itself (``norm_activates``): none is replaced.
     """
-    if isinstance(module, (BatchNormNd, GhostBatchNormNd, RMSNormNd, nn.SyncBatchNorm, nn.GroupNorm)):
+    if isinstance(module, (FilterResponseNorm2d, EvoNorm2dS0)):
+        if type(module).forward in _known_forwards(frozen) and norm_activates(module):
+            return "fused"
+        layout = "any"
+    elif isinstance(module, (BatchNormNd, GhostBatchNormNd, RMSNormNd, nn.SyncBatchNorm, nn.GroupNorm)):
         layout = "any"
     elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         if len(module.normalized_shape) != 1:
@@ -156,6 +175,10 @@ def describe(module: nn.Module) -> str:
     if isinstance(module, GhostBatchNorm2d):
         part = f"ghost={module.ghost}" if module.ghost is not None else f"splits={module.splits}"
         return f"{name}({c}, {part})"
+    if isinstance(module, EvoNorm2dS0):
+        return f"{name}({c}, groups={module.groups}{', +sigmoid gate' if norm_activates(module) else ''})"
+    if isinstance(module, FilterResponseNorm2d) and norm_activates(module):
+        return f"{name}({c}, +TLU)"
     if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and len(module.normalized_shape) != 1:
         return f"{name}({tuple(module.normalized_shape)})"
     return f"{name}({c})"
@@ -175,7 +198,7 @@ def _adapt(built: nn.Module, layout: str, channels: int) -> nn.Module:
         if layout == "last":
             return nn.RMSNorm(channels, eps=built.eps)
         new = RMSNormNd(channels, eps=built.eps)
-    else:  # GroupNorm and its subclasses take (N, C, *) as they are
+    else:  # GroupNorm and its subclasses, FilterResponseNorm2d and EvoNorm2dS0 take (N, C, *) as they are
         new = built
     return ChannelsLast(new) if layout == "last" else new
 
@@ -284,8 +307,8 @@ def convert_norms(model: nn.Module, spec: str | Spec, *, copy_affine: bool = Tru
     row per converted layer (path, old and new layer, tensors copied), ``counts`` (old class
     name -> layers converted) and ``format_table()``.
 
-    Each new layer is ``norm_factory(spec)(C)``, C the old layer's channel count, on the old
-    layer's device and dtype and in its train/eval mode.  ``eps``, ``momentum`` and groups come
+    Each new layer is ``norm_factory(spec)(C, act=False)``, C the old layer's channel count,
+    on the old layer's device and dtype and in its train/eval mode.  ``eps``, ``momentum`` and groups come
     from the spec (``gn:eps=1e-3``, ``bn:momentum=0.01``), never from the old layer.  With
     ``copy_affine`` the per-channel scale and shift are copied over where the new layer has
     them (``rms`` keeps the scale only, ``none`` nothing; FrozenBatchNorm2d's buffers count as
@@ -304,6 +327,8 @@ def convert_norms(model: nn.Module, spec: str | Spec, *, copy_affine: bool = Tru
       SyncBatchNorm, GroupNorm or channels-last LayerNorm; ``bn:ghost=G`` and ``bn:splits=K``:
       :class:`GhostBatchNormNd`, the same ghost BatchNorm for any (N, C, *).
     * ``rms``: :class:`RMSNormNd`, RMSNorm over dim 1 at each position of any (N, C, *).
+    * ``frn``, ``evonorm``: take (N, C, *) as they are (FRN needs at least one position
+      dimension: on (N, C) input it raises).
     * ``none``: Identity.
     * ``nn.LayerNorm(C)`` / ``nn.RMSNorm(C)`` see the channels last: the new layer runs inside
       :class:`ChannelsLast` (the positions of an (N, L, C) input take the place of H, W), or
@@ -312,6 +337,12 @@ def convert_norms(model: nn.Module, spec: str | Spec, *, copy_affine: bool = Tru
 
     Any other subclass of a norm layer with a ``forward`` of its own (a fused activation, a
     permute) is refused: a plain norm in its place would compute something else.
+
+    ``frn`` and ``evonorm`` go in *without* their fused activation (``act=False``: no TLU,
+    no sigmoid gate; ``norm_activates`` False), because the model keeps applying its own
+    activation after the layer.  A source FRN or EvoNorm layer is converted like any
+    other norm when it has no activation of its own; one that applies its activation
+    (``act=True``) is refused, as a plain norm in its place would drop that activation.
 
     Every replacement is built before any is put in, so a spec that cannot be built for some
     layer (``gn:32`` on 48 channels) is a SpecError naming its path, channels and the reason,
@@ -343,11 +374,16 @@ def convert_norms(model: nn.Module, spec: str | Spec, *, copy_affine: bool = Tru
             failures.append(f"{where}: {type(old).__name__} has a forward of its own (a permute, a fused "
                             f"activation), so no plain norm layer can stand in for it; replace it by hand")
             continue
+        if layout == "fused":
+            failures.append(f"{where}: the layer applies its activation itself (built with act=True), which a "
+                            f"plain norm in its place would drop; build the model with the norm you want, or "
+                            f"replace it by hand")
+            continue
         if any(nn.parameter.is_lazy(t) for t in (*old.parameters(), *old.buffers())) or channels < 1:
             failures.append(f"{where}: the layer is lazy; run one forward pass before convert_norms")
             continue
         try:
-            new = _adapt(factory(channels), layout, channels)
+            new = _adapt(factory(channels, act=False), layout, channels)  # the model applies its own activation
         except SpecError as error:
             failures.append(f"{where}: {error}")
             continue

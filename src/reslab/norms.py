@@ -1,8 +1,17 @@
 """Normalization layers by spec string.
 
 ``make_norm("gn:16", 64)`` builds a layer; ``norm_factory("gn")`` resolves a
-spec once into a ``num_channels -> nn.Module`` callable, which is what models
-hold (timm's ``create_norm`` shape): blocks only ever call ``norm_layer(ch)``.
+spec once into a ``make(num_channels, act=False) -> nn.Module`` callable, which
+is what models hold (timm's ``create_norm`` shape): blocks call
+``norm_layer(ch)`` or ``norm_layer(ch, act=True)``.
+
+The activation protocol: ``act=True`` tells the factory that the caller applies
+an activation right after this layer, so a norm that fuses an activation
+(``frn``, ``evonorm``) may take its place.  Such a layer has ``activates = True``
+and the caller skips its own activation where :func:`norm_activates` says so;
+built with ``act=False`` (the default) it is the normalization alone.  Every
+other norm ignores ``act``.  A user's own ``num_channels -> nn.Module`` callable
+has no ``act`` and is called without it.
 
 Every layer works on NCHW tensors, has per-channel affine parameters where it
 has any (weight 1, bias 0 at construction) and exposes them as ``.weight`` /
@@ -20,6 +29,11 @@ has any (weight 1, bias 0 at construction) and exposes them as ``.weight`` /
 | ``ln``        | LayerNorm over (C, H, W) per sample = GroupNorm(1, C)           |
 | ``in``        | InstanceNorm with affine = GroupNorm(C, C)                      |
 | ``rms``       | RMSNorm over channels at each position, eps 1e-6 (``rms:eps=``) |
+| ``brn``       | Batch Renormalization (``brn:r_max=3,d_max=5``)                 |
+| ``frn``       | Filter Response Normalization, + TLU with ``act=True``          |
+|               | (``frn:eps=1e-6``); batch-independent; fuses its activation    |
+| ``evonorm``   | EvoNorm-S0, groups as ``gn`` (``evonorm:G``, ``evonorm:cpg=N``, |
+|               | ``eps=1e-5``); batch-independent; fuses its activation         |
 | ``none``      | Identity                                                       |
 
 Groups of plain ``gn`` - the largest divisor G of C with G <= 32 and
@@ -39,13 +53,14 @@ C/G >= 16, or 1 group when C < 16 (Wu & He 2018, Table 3; see
 
 ``gn:32`` is Wu & He's fixed-G setup exactly (every ResNet-18/50 width is a
 multiple of 32); ``gn:cpg=16`` is their fixed 16-channels-per-group variant.
+``evonorm`` groups its channels by the same rules.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -64,12 +79,15 @@ from .specs import (
     unit_float,
 )
 
-NormFactory = Callable[[int], nn.Module]
+# ``make(num_channels, act=False)``; a user's own ``num_channels -> module`` callable works too.
+NormFactory = Callable[..., nn.Module]
 
 # Plain ``gn``: at most 32 groups (Wu & He 2018's G) of at least 16 channels
 # (their best fixed channels-per-group setting); see gn_groups.
 DEFAULT_GROUPS = 32
 MIN_CHANNELS_PER_GROUP = 16
+# Filter Response Normalization's eps (Singh & Krishnan 2020, arXiv 1911.09737).
+FRN_EPS = 1e-6
 # RMSNorm's eps, pinned (nn.RMSNorm's eps=None depends on the input dtype and
 # the torch version); 1e-6 as timm's RmsNorm / RmsNorm2d.
 RMS_EPS = 1e-6
@@ -309,6 +327,97 @@ class BatchRenorm2d(nn.BatchNorm2d):
         self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), factor)
 
 
+def norm_activates(module: nn.Module) -> bool:
+    """True for a norm layer that applies its activation itself (``frn`` / ``evonorm`` built with ``act=True``).
+
+    A caller that asked for ``act=True`` skips its own activation after such a layer.
+    """
+    return bool(getattr(module, "activates", False))
+
+
+class FilterResponseNorm2d(nn.Module):
+    """Filter Response Normalization with its Thresholded Linear Unit (Singh & Krishnan 2020, arXiv 1911.09737).
+
+    Per sample and channel, with ``nu2 = mean(x^2)`` over the positions (H, W)::
+
+        y = weight * x / sqrt(nu2 + eps) + bias
+        z = max(y, tau)                      # TLU, only with act=True
+
+    No mean subtraction and no batch statistics: every sample is normalized on its
+    own, in training and evaluation alike.  ``weight`` 1, ``bias`` 0 and ``tau`` 0
+    are per channel; ``tau`` exists only with ``act=True`` (``activates``), where
+    the layer replaces the ReLU that would follow it.  ``eps`` is fixed (the paper's
+    learnable-eps variant for 1x1 inputs is not implemented).  Takes (N, C, *) with
+    at least one position dimension.
+    """
+
+    def __init__(self, num_channels: int, eps: float = FRN_EPS, act: bool = True):
+        super().__init__()
+        if not eps > 0:
+            raise SpecError(f"norm 'frn:eps={eps:g}': eps must be positive")
+        self.num_channels = num_channels
+        self.eps = float(eps)
+        self.activates = bool(act)
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.tau = nn.Parameter(torch.zeros(num_channels)) if self.activates else None
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps:g}, act={'TLU' if self.activates else None}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W)
+        if x.dim() < 3:
+            raise ValueError(f"FilterResponseNorm2d takes (N, C, *) input with positions to average over, "
+                             f"got shape {tuple(x.shape)}")
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        nu2 = x.square().mean(dim=tuple(range(2, x.dim())), keepdim=True)  # (N, C, 1, 1)
+        y = x * torch.rsqrt(nu2 + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+        return torch.maximum(y, self.tau.view(shape)) if self.tau is not None else y
+
+
+class EvoNorm2dS0(nn.Module):
+    """EvoNorm-S0 (Liu et al. 2020, arXiv 2004.02967): a sigmoid-gated, group-normalized activation.
+
+    With ``group_std(x) = sqrt(var(x) + eps)``, the population variance over each
+    sample's group of C/G channels and all positions (GroupNorm's groups)::
+
+        y = x * sigmoid(v * x) / group_std(x) * weight + bias     # act=True
+        y = x / group_std(x) * weight + bias                      # act=False
+
+    Batch-independent; ``weight`` 1, ``bias`` 0, ``v`` 1 per channel.  The gate
+    ``x * sigmoid(v * x)`` is the layer's nonlinearity, so with ``act=True``
+    (``activates``) it replaces the ReLU after it.  With ``act=False`` (no
+    activation follows, e.g. before a residual sum) the gate is dropped and ``v``
+    not created: the layer is GroupNorm without mean subtraction, a plain norm.
+    Takes any (N, C, *).
+    """
+
+    def __init__(self, num_channels: int, groups: int, eps: float = 1e-5, act: bool = True):
+        super().__init__()
+        if num_channels % groups != 0:
+            raise SpecError(f"EvoNorm2dS0: {groups} groups do not divide {num_channels} channels "
+                            f"(valid: {_divisors(num_channels)})")
+        self.num_channels = num_channels
+        self.groups = groups
+        self.eps = float(eps)
+        self.activates = bool(act)
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.v = nn.Parameter(torch.ones(num_channels)) if self.activates else None
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_channels}, groups={self.groups}, eps={self.eps:g}, "
+                f"act={'sigmoid gate' if self.activates else None}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        n = x.shape[0]
+        var = x.reshape(n, self.groups, -1).var(dim=-1, correction=0, keepdim=True)  # (N, G, 1)
+        y = x * torch.sigmoid(self.v.view(shape) * x) if self.v is not None else x
+        y = (y.reshape(n, self.groups, -1) * torch.rsqrt(var + self.eps)).reshape(x.shape)
+        return y * self.weight.view(shape) + self.bias.view(shape)
+
+
 @dataclass(frozen=True)
 class NormEntry:
     name: str
@@ -317,37 +426,61 @@ class NormEntry:
     build: Callable[..., nn.Module]  # (num_channels, **bound args) -> module
     # checks the bound args once, before any layer is built (conflicting arguments)
     check: Callable[[Spec, dict], None] | None = None
+    # build takes ``act``: the layer may fuse the activation that follows it (see norm_activates)
+    fuses_activation: bool = False
 
 
-def _check_gn(spec: Spec, kwargs: dict) -> None:
-    if "groups" in kwargs and "cpg" in kwargs:
+def _check_groups(name: str) -> Callable[[Spec, dict], None]:
+    """The check of a grouped norm spec (``gn``, ``evonorm``): groups or cpg, not both."""
+
+    def check(spec: Spec, kwargs: dict) -> None:
+        if "groups" in kwargs and "cpg" in kwargs:
+            raise SpecError(
+                f"norm {spec.text or spec.name!r} sets both groups={kwargs['groups']} and cpg={kwargs['cpg']}; "
+                f"give one: {name}:groups=G (G groups) or {name}:cpg=N (N channels per group), or plain {name}"
+            )
+
+    return check
+
+
+_check_gn = _check_groups("gn")
+
+
+def resolve_groups(num_channels: int, groups: int | None = None, cpg: int | None = None, name: str = "gn") -> int:
+    """Group count of a grouped norm spec ``name`` (``gn``, ``evonorm``) on ``num_channels`` channels.
+
+    ``groups`` G exactly, ``cpg`` = C/N groups of N channels, neither = :func:`gn_groups`.  A count
+    that does not divide the channels is a one-line SpecError naming the spec and the valid divisors.
+    """
+    if groups is not None and cpg is not None:
+        _check_groups(name)(Spec(name), {"groups": groups, "cpg": cpg})
+    if cpg is not None:
+        if num_channels % cpg != 0:
+            raise SpecError(
+                f"norm '{name}:cpg={cpg}' cannot split a layer of {num_channels} channels into groups of "
+                f"{cpg} channels: cpg must divide the channel count (valid for {num_channels} channels: "
+                f"{_divisors(num_channels)}); or use plain '{name}'"
+            )
+        return num_channels // cpg
+    if groups is None:
+        return gn_groups(num_channels)
+    if num_channels % groups != 0:
         raise SpecError(
-            f"norm {spec.text or spec.name!r} sets both groups={kwargs['groups']} and cpg={kwargs['cpg']}; "
-            "give one: gn:groups=G (G groups) or gn:cpg=N (N channels per group), or plain gn"
+            f"norm '{name}:{groups}' cannot split a layer of {num_channels} channels into {groups} groups: "
+            f"groups must divide the channel count (valid for {num_channels} channels: "
+            f"{_divisors(num_channels)}); or use plain '{name}'"
         )
+    return groups
 
 
 def _build_gn(num_channels: int, groups: int | None = None, cpg: int | None = None,
               eps: float = 1e-5) -> nn.Module:
-    if groups is not None and cpg is not None:
-        _check_gn(Spec("gn"), {"groups": groups, "cpg": cpg})
-    if cpg is not None:
-        if num_channels % cpg != 0:
-            raise SpecError(
-                f"norm 'gn:cpg={cpg}' cannot split a layer of {num_channels} channels into groups of "
-                f"{cpg} channels: cpg must divide the channel count (valid for {num_channels} channels: "
-                f"{_divisors(num_channels)}); or use plain 'gn'"
-            )
-        return nn.GroupNorm(num_channels // cpg, num_channels, eps=eps)
-    if groups is None:
-        return nn.GroupNorm(gn_groups(num_channels), num_channels, eps=eps)
-    if num_channels % groups != 0:
-        raise SpecError(
-            f"norm 'gn:{groups}' cannot split a layer of {num_channels} channels into {groups} groups: "
-            f"groups must divide the channel count (valid for {num_channels} channels: "
-            f"{_divisors(num_channels)}); or use plain 'gn'"
-        )
-    return nn.GroupNorm(groups, num_channels, eps=eps)
+    return nn.GroupNorm(resolve_groups(num_channels, groups, cpg, "gn"), num_channels, eps=eps)
+
+
+def _build_evonorm(num_channels: int, groups: int | None = None, cpg: int | None = None, eps: float = 1e-5,
+                   act: bool = False) -> nn.Module:
+    return EvoNorm2dS0(num_channels, resolve_groups(num_channels, groups, cpg, "evonorm"), eps=eps, act=act)
 
 
 _REGISTRY: Registry[NormEntry] = Registry("norm")
@@ -408,6 +541,21 @@ register_norm(NormEntry(
     lambda spec, kwargs: check_renorm_limits(kwargs.get("r_max", 3.0), kwargs.get("d_max", 5.0)),
 ))
 register_norm(NormEntry(
+    "frn", "Filter Response Normalization (Singh & Krishnan 2020): x / sqrt(mean_HW(x^2) + eps) per sample and "
+           "channel, affine, then TLU max(y, tau) where it replaces the ReLU after it; batch-independent; "
+           "frn:eps=E (default 1e-6)",
+    {"eps": positive_float},
+    lambda c, eps=FRN_EPS, act=False: FilterResponseNorm2d(c, eps=eps, act=act),
+    fuses_activation=True,
+))
+register_norm(NormEntry(
+    "evonorm", "EvoNorm-S0 (Liu et al. 2020): x * sigmoid(v*x) / group std, affine, in place of norm + ReLU "
+               "(the gate dropped where no activation follows); batch-independent; groups as gn: "
+               "evonorm:G, evonorm:cpg=N, eps (default 1e-5)",
+    {"groups": positive_int, "cpg": positive_int, "eps": positive_float},
+    _build_evonorm, _check_groups("evonorm"), fuses_activation=True,
+))
+register_norm(NormEntry(
     "none", "no normalization (Identity)",
     {},
     lambda c: nn.Identity(),
@@ -423,17 +571,50 @@ def _resolve(spec: str | Spec) -> tuple[NormEntry, dict]:
     return entry, kwargs
 
 
+class _NormMaker:
+    """The factory of one resolved spec: ``make(num_channels, act=False)``."""
+
+    def __init__(self, entry: NormEntry, kwargs: dict, text: str):
+        self.entry, self.kwargs, self.text = entry, kwargs, text
+
+    def __call__(self, num_channels: int, act: bool = False) -> nn.Module:
+        if self.entry.fuses_activation:
+            return self.entry.build(num_channels, act=bool(act), **self.kwargs)
+        return self.entry.build(num_channels, **self.kwargs)
+
+    def __repr__(self) -> str:
+        return f"norm_factory({self.text!r})"
+
+
 def norm_factory(spec: str | Spec) -> NormFactory:
-    """Resolve a norm spec once into a ``num_channels -> nn.Module`` factory."""
+    """Resolve a norm spec once into a ``make(num_channels, act=False) -> nn.Module`` factory.
+
+    ``act=True``: an activation follows the layer, which a norm that fuses one may replace
+    (check the built layer with :func:`norm_activates`); other norms ignore it.
+    """
     entry, kwargs = _resolve(spec)
-    return partial(entry.build, **kwargs)
+    text = (spec.text or spec.name) if isinstance(spec, Spec) else str(spec).strip()
+    return _NormMaker(entry, kwargs, text)
 
 
-def make_norm(spec: str, num_channels: int) -> nn.Module:
-    """Build the norm layer ``spec`` for ``num_channels`` channels."""
+def factory_takes_act(factory: Callable) -> bool:
+    """Whether a norm factory takes ``act=`` (``norm_factory``'s do; a user's own callable may not)."""
+    try:
+        return "act" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def build_norm(factory: Callable, num_channels: int, act: bool = False) -> nn.Module:
+    """``factory(num_channels, act=act)``, or ``factory(num_channels)`` for a callable without ``act``."""
+    return factory(num_channels, act=act) if factory_takes_act(factory) else factory(num_channels)
+
+
+def make_norm(spec: str, num_channels: int, act: bool = False) -> nn.Module:
+    """Build the norm layer ``spec`` for ``num_channels`` channels (``act``: see :func:`norm_factory`)."""
     if not isinstance(num_channels, int) or num_channels < 1:
         raise SpecError(f"num_channels must be a positive integer, got {num_channels!r}")
-    return norm_factory(spec)(num_channels)
+    return norm_factory(spec)(num_channels, act=act)
 
 
 def list_norms() -> dict[str, str]:
@@ -455,14 +636,20 @@ def describe_norm_layers(model: nn.Module) -> list[str]:
 
     GroupNorms show their groups (``GroupNorm C=16: 1 group x 16 ch (x7 layers)``);
     LayerNorm2d and InstanceNorm2dAffine, GroupNorms underneath, are named as
-    what they are.  Empty for a model without norm layers.
+    what they are; a norm that fuses its activation says so (``FilterResponseNorm2d C=64 +TLU``).  Empty for a model without norm layers.
     """
     counts: dict[str, int] = {}
     inner: set[int] = set()
     for module in model.modules():
         if id(module) in inner:
             continue
-        if isinstance(module, RMSNorm2d):
+        if isinstance(module, FilterResponseNorm2d):
+            key = f"FilterResponseNorm2d C={module.num_channels}{' +TLU' if module.activates else ''}"
+        elif isinstance(module, EvoNorm2dS0):
+            g, c = module.groups, module.num_channels
+            key = (f"EvoNorm2dS0 C={c}: {g} group{'s' if g != 1 else ''} x {c // g} ch"
+                   f"{' +sigmoid gate' if module.activates else ''}")
+        elif isinstance(module, RMSNorm2d):
             inner.add(id(module.norm))
             key = f"RMSNorm2d C={module.weight.numel()}, eps={module.eps:g}"
         elif isinstance(module, (LayerNorm2d, InstanceNorm2dAffine)):
@@ -481,7 +668,8 @@ def describe_norm_layers(model: nn.Module) -> list[str]:
 
 
 __all__ = [
-    "DEFAULT_GROUPS", "MIN_CHANNELS_PER_GROUP", "RMS_EPS", "NormFactory", "RMSNorm2d", "LayerNorm2d",
-    "InstanceNorm2dAffine", "describe_norm_layers", "gn_groups", "make_norm", "norm_factory", "list_norms",
-    "norm_names", "register_norm",
+    "DEFAULT_GROUPS", "MIN_CHANNELS_PER_GROUP", "RMS_EPS", "FRN_EPS", "NormFactory", "RMSNorm2d", "LayerNorm2d",
+    "InstanceNorm2dAffine", "FilterResponseNorm2d", "EvoNorm2dS0", "build_norm", "describe_norm_layers",
+    "factory_takes_act", "gn_groups", "make_norm", "norm_activates", "norm_factory", "list_norms", "norm_names",
+    "register_norm", "resolve_groups",
 ]

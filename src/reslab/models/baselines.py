@@ -4,7 +4,8 @@
 with ReLU and dropout 0.2); ``simple_cnn`` is their small conv net (16/32/64
 3x3 filters, two 2x2 max-pools, a 100-unit hidden layer) with a configurable
 norm after each convolution and global average pooling in place of the fixed
-7x7 flatten, so it runs on any input of at least 4x4.
+7x7 flatten, so it runs on any input of at least 4x4.  A norm that fuses its
+activation (``frn``, ``evonorm``) replaces the ReLU after it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import SpecError, choices_error
-from ..norms import NormFactory, norm_factory
+from ..norms import NormFactory, build_norm, norm_activates, norm_factory
 from . import _coerce, _positive_int, register_model
 
 
@@ -81,6 +82,10 @@ class SimpleCNN(nn.Module):
     size; ``head="gap"`` global-average-pools first (Lin et al. 2013, arXiv 1312.4400),
     which makes the head independent of the input size but throws away where each
     feature is, and learns far more slowly on digits.
+
+    Each norm is built with ``act=True`` (a ReLU follows it) where the factory takes
+    ``act``; after a norm that then applies its own activation (``norm_activates``:
+    FRN's TLU, EvoNorm-S0's gate) the model's ReLU is skipped, not applied twice.
     """
 
     def __init__(
@@ -101,11 +106,11 @@ class SimpleCNN(nn.Module):
         c1, c2, c3 = width, 2 * width, 4 * width
         # Conv biases are dropped before a norm, as in the ResNets.
         self.conv1 = nn.Conv2d(in_channels, c1, kernel_size=3, padding=1, bias=False)
-        self.bn1 = norm_layer(c1)
+        self.bn1 = build_norm(norm_layer, c1, act=True)
         self.conv2 = nn.Conv2d(c1, c2, kernel_size=3, padding=1, bias=False)
-        self.bn2 = norm_layer(c2)
+        self.bn2 = build_norm(norm_layer, c2, act=True)
         self.conv3 = nn.Conv2d(c2, c3, kernel_size=3, padding=1, bias=False)
-        self.bn3 = norm_layer(c3)
+        self.bn3 = build_norm(norm_layer, c3, act=True)
         self.relu = nn.ReLU()
         self.pool = nn.MaxPool2d(kernel_size=2, stride=2)
         self.head = head
@@ -119,10 +124,15 @@ class SimpleCNN(nn.Module):
         self.fc1 = nn.Linear(features, hidden)
         self.fc2 = nn.Linear(hidden, num_classes)
 
+    def _norm_act(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``relu(norm(x))``, or ``norm(x)`` alone where the norm applies its activation itself."""
+        x = norm(x)
+        return x if norm_activates(norm) else self.relu(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C_in, H, W)
-        x = self.relu(self.bn1(self.conv1(x)))  # (N, w, H, W)
-        x = self.pool(self.relu(self.bn2(self.conv2(x))))  # (N, 2w, H/2, W/2)
-        x = self.pool(self.relu(self.bn3(self.conv3(x))))  # (N, 4w, H/4, W/4)
+        x = self._norm_act(self.bn1, self.conv1(x))  # (N, w, H, W)
+        x = self.pool(self._norm_act(self.bn2, self.conv2(x)))  # (N, 2w, H/2, W/2)
+        x = self.pool(self._norm_act(self.bn3, self.conv3(x)))  # (N, 4w, H/4, W/4)
         x = torch.flatten(self.avgpool(x), 1)  # (N, 4w*H/4*W/4) flatten; (N, 4w) gap
         if x.shape[1] != self.fc1.in_features:
             raise ValueError(f"simple_cnn (head=flatten) was built for {self.fc1.in_features} features, got "
