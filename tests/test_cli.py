@@ -101,7 +101,7 @@ def test_config_file_and_print_config(capsys, tmp_path):
 
 @pytest.mark.parametrize("argv, fragments", [
     (["inspect", "resnet18", "--norm", "gn:5"], ["gn:5", "64 channels", "1, 2, 4, 8, 16, 32"]),
-    (["inspect", "resnet18", "--norm", "batchnorm"], ["'batchnorm'", "bn, brn, gn, in, ln, none, rms"]),
+    (["inspect", "resnet18", "--norm", "batchnorm"], ["'batchnorm'", "bn, brn, evonorm, frn, gn, in, ln, none, rms"]),
     (["inspect", "resnet19"], ["'resnet19'", "resnet18"]),
     (["inspect", "resnet18", "--init", "zerosx"], ["'zerosx'", "kaiming_normal"]),
     (["inspect", "resnet18", "--init", "kaiming_normal:foo=1"], ["'foo'", "mode, nonlinearity"]),

@@ -280,8 +280,8 @@ def test_seeds_cnn_with_bn_reaches_94_percent_on_mnist5k_in_two_epochs(tmp_path)
     ({"name": "resnet18", "width": 0}, ["width", "positive integer", "0"]),
     ({"name": "resnet18", "width": "wide"}, [r"'wide'", "width"]),
     ({"name": "resnet18", "zero_init_residual": "maybe"}, [r"'maybe'", "true or false"]),
-    ({"name": "resnet18", "norm": "batchnorm"}, [r"'batchnorm'", "bn, brn, gn, in, ln, none, rms"]),
-    ({"name": "mlp", "norm": "batchnorm"}, [r"'batchnorm'", "bn, brn, gn"]),
+    ({"name": "resnet18", "norm": "batchnorm"}, [r"'batchnorm'", "bn, brn, evonorm, frn, gn, in, ln, none, rms"]),
+    ({"name": "mlp", "norm": "batchnorm"}, [r"'batchnorm'", "bn, brn, evonorm, frn, gn"]),
     ({"name": "mlp", "hidden": "256,x"}, [r"'x'", "hidden"]),
     ({"name": "mlp", "dropout": 1.5}, ["dropout", r"\[0, 1\)", "1.5"]),
     ({"name": "simple_cnn", "input_size": 2}, ["at least 4x4", "2"]),
@@ -313,8 +313,10 @@ def test_list_models_and_options():
     assert list(described) == model_names()
     assert {"resnet18", "resnet152", "cifar_resnet110", "plain56", "mlp", "simple_cnn"} <= set(described)
     assert all(text and "\n" not in text for text in described.values())
-    assert model_options("resnet50") == {"stem": "imagenet", "shortcut": "B", "width": 64, "zero_init_residual": False}
-    assert model_options("cifar_resnet56") == {"stem": "cifar", "shortcut": "A", "width": 16, "zero_init_residual": False}
+    assert model_options("resnet50") == {"stem": "imagenet", "shortcut": "B", "width": 64, "zero_init_residual": False,
+                                         "branch": "standard", "alpha": 0.2}
+    assert model_options("cifar_resnet56") == {"stem": "cifar", "shortcut": "A", "width": 16,
+                                               "zero_init_residual": False, "branch": "standard", "alpha": 0.2}
     assert model_options("mlp") == {"hidden": (256, 128), "dropout": 0.2}
 
 

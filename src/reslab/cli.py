@@ -74,6 +74,7 @@ def _add_list_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _list_sources() -> dict[str, Callable[[], dict[str, str]]]:
+    from .convs import list_convs
     from .datasets import list_datasets
     from .inits import list_inits
     from .models import list_models
@@ -84,11 +85,11 @@ def _list_sources() -> dict[str, Callable[[], dict[str, str]]]:
         return {**list_models(), "tv:NAME": "any torchvision classification model (`reslab list models --all` "
                                             "lists them)"}
 
-    return {"models": models, "norms": list_norms, "inits": list_inits, "datasets": list_datasets,
-            "studies": list_studies}
+    return {"models": models, "norms": list_norms, "convs": list_convs, "inits": list_inits,
+            "datasets": list_datasets, "studies": list_studies}
 
 
-@command("list", "list the models, norms, init schemes or datasets reslab knows", _add_list_arguments)
+@command("list", "list the models, norms, conv options, init schemes, datasets or studies reslab knows", _add_list_arguments)
 def run_list(args: argparse.Namespace) -> int:
     if args.all and args.what != "models":
         raise UsageError(f"list: --all applies to `reslab list models`, not to {args.what}")
@@ -107,10 +108,12 @@ def run_list(args: argparse.Namespace) -> int:
 
 def _add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model name (see `reslab list models`), or tv:NAME for a torchvision model")
-    parser.add_argument("--norm", default="bn", help="norm spec, e.g. bn, gn, gn:16, ln, in, rms, none")
+    parser.add_argument("--norm", default="bn", help="norm spec, e.g. bn, gn, gn:16, ln, in, rms, frn, none")
+    parser.add_argument("--conv", default="default", help="convolutions: default, ws or sws (reslab list convs)")
     parser.add_argument(
         "--init", default="default",
-        help="init spec or policy, e.g. kaiming_normal:mode=fan_out (see `reslab list inits`)",
+        help="init spec or policy, e.g. kaiming_normal:mode=fan_out, fixup, lsuv (see `reslab list inits`); "
+             "lsuv runs on a batch of 64 N(0,1) images of the input shape",
     )
     parser.add_argument("--num-classes", type=int, default=10, help="size of the classifier output")
     parser.add_argument("--in-channels", type=int, default=None, help="input channels (default: the model's)")
@@ -134,11 +137,17 @@ def parse_key_values(pairs: Sequence[str], what: str) -> dict[str, Any]:
     return options
 
 
+LSUV_INSPECT_BATCH = 64  # images of noise `reslab inspect --init lsuv` calibrates on
+
+
 @command("inspect", "parameters, MACs per image and the per-tensor init report of a model", _add_inspect_arguments)
 def run_inspect(args: argparse.Namespace) -> int:
     from .diagnose import count_macs, count_params, human_count
-    from .inits import init_weights
+    import torch
+
+    from .inits import init_weights, needs_batch
     from .models import build_model, model_input
+    from .normfree import model_options_for_init
     from .norms import describe_norm_layers
 
     if args.plot:
@@ -147,14 +156,19 @@ def run_inspect(args: argparse.Namespace) -> int:
     channels, size = model_input(args.model)
     channels = args.in_channels or channels
     size = args.input_size or size
+    options.update(model_options_for_init(args.model, args.init, options))
     model = build_model(
         args.model, num_classes=args.num_classes, in_channels=channels, norm=args.norm,
-        input_size=size, **options,
+        input_size=size, conv=args.conv, **options,
     )
-    report = init_weights(model, args.init, seed=args.seed)
+    batch = None
+    if needs_batch(args.init):
+        batch = torch.randn(LSUV_INSPECT_BATCH, channels, size, size, generator=torch.Generator().manual_seed(args.seed))
+    report = init_weights(model, args.init, seed=args.seed, batch=batch)
     params = count_params(model)
     macs = count_macs(model, (channels, size, size))
-    print(f"model       {args.model}  norm={args.norm}  init={args.init}")
+    print(f"model       {args.model}  norm={args.norm}  init={args.init}"
+          + (f"  conv={args.conv}" if args.conv != "default" else ""))
     print(f"input       {channels}x{size}x{size}, {args.num_classes} classes")
     print(f"parameters  {params:,} ({human_count(params)})")
     print(f"MACs/image  {macs:,} ({human_count(macs)})")
@@ -441,7 +455,9 @@ def _add_signal_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model name (see `reslab list models`), or tv:NAME for a torchvision model")
     parser.add_argument("--norm", default="none,bn", metavar="SPEC[,SPEC...]", help="norm specs to compare")
     parser.add_argument("--init", default="kaiming_normal,xavier_normal", metavar="SPEC[,SPEC...]",
-                        help="init specs to compare (see `reslab list inits`)")
+                        help="init specs to compare (see `reslab list inits`); fixup, skipinit and nf build "
+                             "their residual branches, lsuv calibrates on the batch")
+    parser.add_argument("--conv", default="default", help="convolutions: default, ws or sws (reslab list convs)")
     parser.add_argument("--dataset", default=None, metavar="SPEC",
                         help="take a real, normalized train batch from this dataset "
                              "(default: N(0,1) noise of the model's input shape, random labels)")
@@ -468,7 +484,8 @@ def run_signal(args: argparse.Namespace) -> int:
     require_writable_dir(out, "--out")
     # Everything is checked and measured before anything is written.
     rows = signal_propagation(args.model, args.norm, args.init, dataset=args.dataset, data_dir=args.data_dir,
-                              download=args.download, batch_size=args.batch_size, seed=args.seed, options=options)
+                              download=args.download, batch_size=args.batch_size, seed=args.seed, options=options,
+                              conv=args.conv)
     source = f"{args.dataset} train images" if args.dataset else "N(0,1) noise, random labels"
     csv_path = atomic_write_text(out / "signal.csv", signal_csv(rows))
     png_path = plot_signal(rows, out / "signal.png", xlabel=signal_unit(args.model, options),

@@ -39,10 +39,14 @@ class TrainConfig:
     # -- what to train --
     model: str = _f("cifar_resnet20", "model name (reslab list models), or tv:NAME for a torchvision model "
                                       "(reslab list models --all)")
-    norm: str = _f("bn", "norm spec: bn, bn:ghost=G, bn:splits=K, gn, gn:G, gn:cpg=N, ln, in, rms, none (reslab list norms)")
+    norm: str = _f("bn", "norm spec: bn, bn:ghost=G, bn:splits=K, brn, gn, gn:G, gn:cpg=N, ln, in, rms, frn, "
+                         "evonorm, none (reslab list norms)")
+    conv: str = _f("default", "convolutions: default (the model's), ws (weight standardization, Qiao et al. 2019) "
+                              "or sws (scaled WS, Brock et al. 2021); reslab list convs")
     init: str | dict[str, Any] = _f(
-        "default", "init scheme for conv and linear weights, or a policy mapping "
-        "({conv: ..., linear: ..., bias: ..., norm: ..., zero_init_residual: ...}; reslab list inits)",
+        "default", "init scheme for conv and linear weights; fixup, skipinit or nf (norm-free residual nets, "
+        "with --norm none) or lsuv (on the first training batch); or a policy mapping "
+        "({conv: ..., linear: ..., bias: ..., norm: ..., zero_init_residual: ..., model: ...}; reslab list inits)",
         policy=True)
     stem: str | None = _f(None, "ResNet stem: imagenet (7x7/2 + maxpool) or cifar (3x3/1); default: the model's",
                           choices=STEMS)
@@ -105,6 +109,9 @@ class TrainConfig:
             options["shortcut"] = self.shortcut
         if self.zero_init_residual or self.policy_zero_init_residual():
             options["zero_init_residual"] = True
+        from .normfree import model_options_for_init
+
+        options.update(model_options_for_init(self.model, self.init))  # fixup/skipinit/nf: the residual branch
         return options
 
     def policy_zero_init_residual(self) -> bool | None:
@@ -155,6 +162,10 @@ class TrainConfig:
                             "drop one of the two")
         if self.resume and not self.out:
             raise SpecError("--resume needs --out DIR naming the run to continue")
+        from .convs import resolve_conv
+
+        resolve_conv(self.conv)
+        self.model_options()  # an init that needs residual branches, on a model without them
         return self
 
 

@@ -219,6 +219,7 @@ def signal_propagation(
     download: bool = False,
     options: Mapping[str, Any] | None = None,
     device: str | torch.device = "cpu",
+    conv: str = "default",
 ) -> list[SignalRow]:
     """Signal propagation at initialization for every (norm, init) combination.
 
@@ -232,6 +233,10 @@ def signal_propagation(
     * else ``batch_size`` images of N(0, 1) noise of the model's input shape
       (:func:`~reslab.models.model_input`) and random labels.
 
+    Whole-model inits build the model they need (``fixup``, ``skipinit`` and ``nf`` their
+    residual branch) and ``lsuv`` calibrates on the same batch; ``conv`` weight-standardizes
+    the convolutions (``ws``, ``sws``).
+
     The same ``seed`` gives the same numbers: it fixes the batch, the labels, the
     weights and dropout's masks; the caller's global RNG is left untouched.
     Every norm and init spec, the batch size and the dataset are checked (each norm
@@ -240,8 +245,9 @@ def signal_propagation(
     """
     from .data import Dataset
     from .datasets import load_dataset
-    from .inits import init_weights, parse_policy
+    from .inits import init_weights, needs_batch, parse_policy
     from .models import build_model, model_input
+    from .normfree import model_options_for_init
 
     norms = _spec_list(norms, "norm")
     inits = _spec_list(inits, "init")
@@ -273,21 +279,24 @@ def signal_propagation(
     x, labels = x.to(device), labels.to(device)
     shape = {"num_classes": num_classes, "in_channels": x.shape[1], "input_size": x.shape[-1]}
 
-    def build(norm: str) -> nn.Module:
+    def build(norm: str, init: str) -> nn.Module:
         with torch.random.fork_rng(devices=[]):  # construction draws default weights from the global RNG
-            return build_model(model_name, norm=norm, **shape, **options)
+            return build_model(model_name, norm=norm, conv=conv, **shape, **options,
+                               **model_options_for_init(model_name, init, options))
 
-    # Validate every norm (a gn:G that does not divide a width, ...) before running any;
-    # on the meta device, which allocates and draws nothing (as train.preflight does).
+    # Validate every norm (a gn:G that does not divide a width, ...) and init (fixup on a
+    # plain net) before running any; on the meta device, which allocates and draws
+    # nothing (as train.preflight does).
     with torch.device("meta"):
         for norm in norms:
-            build_model(model_name, norm=norm, **shape, **options)
+            for init in inits:
+                build(norm, init)
 
     rows: list[SignalRow] = []
     for norm in norms:
         for init in inits:
-            model = build(norm).to(device)
-            init_weights(model, init, seed=seed)
+            model = build(norm, init).to(device)
+            init_weights(model, init, seed=seed, batch=x if needs_batch(init) else None)
             fork = [] if torch.device(device).type == "cpu" else [torch.device(device)]
             with torch.random.fork_rng(devices=fork):
                 torch.manual_seed(seed)  # dropout masks

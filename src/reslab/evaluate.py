@@ -70,7 +70,7 @@ def _load_run(folder: Path, cfg: TrainConfig, device: torch.device) -> tuple[Loa
         raise UnreadableRecord(folder / CHECKPOINT_FILE, f"no {MODEL_STATE!r} state dict: not a reslab checkpoint")
     data = run_dataset(cfg, device)
     with torch.random.fork_rng(devices=[]):  # building draws from the global generator: leave the caller's alone
-        model = build_for(cfg, data).to(device)
+        model = build_for(cfg, data, initialize=False).to(device)  # the checkpoint holds every weight
     if uses_channels_last(cfg.channels_last, model):
         model = model.to(memory_format=torch.channels_last)
     try:

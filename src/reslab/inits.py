@@ -29,6 +29,12 @@ affines.  A mapping (from YAML) picks per kind::
     init: {conv: kaiming_normal:mode=fan_out, linear: normal:std=0.01,
            bias: zeros, norm: default, zero_init_residual: true}
 
+Four schemes act on the whole model rather than on one tensor (:mod:`reslab.normfree`):
+``fixup``, ``skipinit`` and ``nf`` (norm-free residual nets: the model is built with
+their residual branch) and ``lsuv`` (data-dependent: ``init_weights(model, "lsuv",
+batch=x)``).  Each applies a per-tensor base policy first, then its model step; the
+policy mapping's ``model`` key names one (``{model: lsuv:tol=0.05, linear: zeros}``).
+
 Decisions worth knowing:
 
 * ``gain`` is a positive number or a nonlinearity name: ``gain=relu`` means
@@ -62,6 +68,8 @@ import torch
 from torch import nn
 
 from .errors import SpecError
+from .norms import EvoNorm2dS0, FilterResponseNorm2d
+from .normfree import apply_model_init, is_model_init, list_model_inits, model_init_names, resolve_model_init
 from .registry import Registry
 from .specs import (
     Converter,
@@ -89,7 +97,8 @@ NONLINEARITIES = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "c
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # BatchNorm*/InstanceNorm*/SyncBatchNorm share _NormBase; reslab's LayerNorm2d and
 # InstanceNorm2dAffine are GroupNorms and its RMSNorm2d holds an nn.RMSNorm.
-NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, FilterResponseNorm2d,
+              EvoNorm2dS0)
 
 
 # --- argument converters ----------------------------------------------------
@@ -169,6 +178,9 @@ def register_init(entry: InitEntry) -> InitEntry:
 def resolve_init(spec: str) -> Scheme:
     """Parse and validate one scheme spec such as ``kaiming_normal:mode=fan_out``."""
     parsed = parse_spec(spec, "init spec")
+    if parsed.name in model_init_names():
+        raise SpecError(f"init {parsed.text!r} initializes a whole model, not one kind of tensor; give it as the "
+                        f"init itself (--init {parsed.text}) or as the policy's 'model' key")
     entry = _REGISTRY.lookup(parsed.name)
     bound = bind(parsed, {key: conv for key, (conv, _) in entry.params.items()}, "init scheme")
     args = {key: bound.get(key, default) for key, (_, default) in entry.params.items()}
@@ -193,11 +205,13 @@ def list_inits() -> dict[str, str]:
     for name, entry in _REGISTRY.items():
         args = ", ".join(show(key, default) for key, (_, default) in entry.params.items())
         out[name] = entry.description + (f" (args: {args})" if args else "")
+    out.update({name: f"[whole model] {text}" for name, text in list_model_inits().items()})
     return out
 
 
 def init_names() -> list[str]:
-    return list(_REGISTRY)
+    """Every init name: the per-tensor schemes, then the whole-model ones (fixup, skipinit, nf, lsuv)."""
+    return [*_REGISTRY, *model_init_names()]
 
 
 def init_entry(name: str) -> InitEntry:
@@ -349,8 +363,15 @@ class InitPolicy:
     # zero each residual branch's last norm scale (Goyal et al. 2017); None: as the model was
     # built (a ResNet built with zero_init_residual=True keeps those scales at zero)
     zero_init_residual: bool | None = None
+    # a whole-model scheme applied after the per-tensor ones: fixup, skipinit, nf, lsuv (reslab.normfree)
+    model: str | None = None
 
     def __post_init__(self) -> None:
+        if self.model is not None:
+            if not isinstance(self.model, str) or not is_model_init(self.model):
+                raise SpecError(f"init policy 'model' must be one of {', '.join(model_init_names())}, "
+                                f"got {self.model!r}")
+            resolve_model_init(self.model)
         for key in KINDS:
             value = getattr(self, key)
             if value is None and key == "bias":
@@ -373,6 +394,12 @@ class InitPolicy:
 POLICY_KEYS = tuple(f.name for f in fields(InitPolicy))
 
 
+def needs_batch(spec: str | Mapping[str, Any] | InitPolicy | None) -> bool:
+    """Whether the init ``spec`` needs training inputs (``lsuv``)."""
+    policy = parse_policy(spec)
+    return policy.model is not None and resolve_model_init(policy.model).entry.needs_batch
+
+
 def parse_policy(spec: str | Mapping[str, Any] | InitPolicy | None = "default") -> InitPolicy:
     """A policy from a scheme string (for conv and linear weights) or a mapping with POLICY_KEYS."""
     if isinstance(spec, InitPolicy):
@@ -380,6 +407,8 @@ def parse_policy(spec: str | Mapping[str, Any] | InitPolicy | None = "default") 
     if spec is None:
         return InitPolicy()
     if isinstance(spec, str):
+        if is_model_init(spec):
+            return InitPolicy(model=spec.strip(), **resolve_model_init(spec).entry.base)
         return InitPolicy(conv=spec, linear=spec)
     if not isinstance(spec, Mapping):
         raise SpecError(f"init policy must be a scheme string or a mapping with keys "
@@ -388,6 +417,9 @@ def parse_policy(spec: str | Mapping[str, Any] | InitPolicy | None = "default") 
         if key not in POLICY_KEYS:
             raise SpecError(f"unknown init policy key {key!r}; valid keys: {', '.join(POLICY_KEYS)}")
     values = {key: value for key, value in spec.items() if value is not None}  # YAML null = default
+    if isinstance(values.get("model"), str) and is_model_init(values["model"]):
+        # the scheme's base policy, where the mapping does not say otherwise
+        values = {**resolve_model_init(values["model"]).entry.base, **values}
     if isinstance(values.get("zero_init_residual"), str):
         try:
             values["zero_init_residual"] = to_bool(values["zero_init_residual"])
@@ -409,6 +441,7 @@ class InitRow:
     scheme: str                   # spec text applied, or "untouched"
     std_predicted: float | None   # what the scheme's formula gives; None where none does
     std_measured: float
+    output_var: float | None = None  # LSUV: the layer's output variance on the batch, after init
 
 
 def _sig(value: float | int | None) -> str:
@@ -436,11 +469,15 @@ class InitReport:
 
     def format_table(self) -> str:
         """An aligned text table, one line per tensor; stds to 4 significant digits."""
-        header = ("path", "kind", "shape", "fan_in", "fan_out", "scheme", "std_pred", "std_meas")
+        header: tuple[str, ...] = ("path", "kind", "shape", "fan_in", "fan_out", "scheme", "std_pred", "std_meas")
         cells = [(r.path, r.kind, "x".join(map(str, r.shape)) or "()", _sig(r.fan_in), _sig(r.fan_out),
                   r.scheme, _sig(r.std_predicted), _sig(r.std_measured)) for r in self.rows]
-        widths = [max(len(row[i]) for row in (header, *cells)) for i in range(len(header))]
         right = {3, 4, 6, 7}  # numbers align right
+        if any(r.output_var is not None for r in self.rows):  # LSUV: each layer's final output variance
+            header = (*header, "out_var")
+            cells = [(*c, _sig(r.output_var)) for c, r in zip(cells, self.rows)]
+            right.add(8)
+        widths = [max(len(row[i]) for row in (header, *cells)) for i in range(len(header))]
         lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w)
                            for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in (header, *cells)]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -533,13 +570,16 @@ def _zero_init_residual(model: nn.Module) -> set[int]:
 
 
 def init_weights(model: nn.Module, spec: str | Mapping[str, Any] | InitPolicy = "default", *,
-                 seed: int | None = None, generator: torch.Generator | None = None) -> InitReport:
+                 seed: int | None = None, generator: torch.Generator | None = None,
+                 batch: torch.Tensor | None = None) -> InitReport:
     """Initialize every parameter of ``model`` by the policy ``spec``; one report row per tensor.
 
     ``spec`` is a scheme string for conv and linear weights (biases zero unless
-    it is ``default``; norm scales one, shifts zero) or a policy mapping, see
-    :class:`InitPolicy`.  With ``seed`` or ``generator`` the result is
-    reproducible and the global RNG is left untouched.
+    it is ``default``; norm scales one, shifts zero), a whole-model scheme
+    (``fixup``, ``skipinit``, ``nf``, ``lsuv``; :mod:`reslab.normfree`) or a policy
+    mapping, see :class:`InitPolicy`.  ``batch``: training inputs, for ``lsuv``.
+    With ``seed`` or ``generator`` the result is reproducible and the global RNG
+    is left untouched.
     """
     policy = parse_policy(spec)
     cache: dict[str, Scheme] = {}
@@ -568,15 +608,23 @@ def init_weights(model: nn.Module, spec: str | Mapping[str, Any] | InitPolicy = 
             if text is not None:
                 resolve(text).apply(target)
         zeroed = _zero_init_residual(model) if wants_zero_init_residual(model, policy) else set()
+        notes = apply_model_init(model, policy.model, batch) if policy.model else {}
 
     rows = []
     for path, t, text in plan:
         predicted = resolve(text).predict(t) if text is not None else None
         if id(t.tensor) in zeroed:
             text, predicted = "zeros (zero_init_residual)", 0.0
+        note = notes.get(id(t.tensor))
+        if note is not None and note.scale is not None:
+            text = f"{text} x {note.scale:.4g} {note.scheme}"
+            predicted = None if predicted is None else predicted * note.scale
+        elif note is not None:
+            text, predicted = note.scheme, note.predicted
         shape = tuple(t.tensor.shape)
         measured = float(t.tensor.detach().float().std()) if t.tensor.numel() > 1 else 0.0
-        rows.append(InitRow(path, t.kind, shape, *fans(shape), text or "untouched", predicted, measured))
+        rows.append(InitRow(path, t.kind, shape, *fans(shape), text or "untouched", predicted, measured,
+                            None if note is None else note.output_var))
     return InitReport(rows, policy, used_seed)
 
 

@@ -42,7 +42,7 @@ from .datasets import load_dataset
 from .diagnose import count_params
 from .errors import SpecError, choices_error
 from .fileio import unwritable_reason, append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text, read_jsonl, rewrite_jsonl
-from .inits import init_weights, parse_policy
+from .inits import init_weights, needs_batch, parse_policy
 from .models import build_model
 from .norms import norm_factory
 from .optim import make_optimizer, make_scheduler, parse_schedule
@@ -146,7 +146,7 @@ def preflight(configs: list[TrainConfig]) -> None:
         data = datasets[key]
         with torch.device("meta"):
             build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels, norm=cfg.norm,
-                        input_size=data.image_size, **cfg.model_options())
+                        input_size=data.image_size, conv=cfg.conv, **cfg.model_options())
 
 
 def _check_ghost_batches(model: nn.Module, cfg: TrainConfig, num_train: int, world_size: int) -> None:
@@ -204,13 +204,28 @@ def run_dataset(cfg: TrainConfig, device: torch.device | str = "cpu") -> Dataset
     )
 
 
-def build_for(cfg: TrainConfig, data: Dataset) -> nn.Module:
-    """The model of ``cfg`` sized for ``data`` and initialized by ``cfg.init`` (on the CPU, NCHW)."""
+def first_batch(cfg: TrainConfig, data: Dataset) -> torch.Tensor:
+    """The run's first training batch (all of it, whatever the world size), on the CPU."""
+    x, _ = next(iter(data.train_batches(cfg.batch_size, epoch=0, seed=cfg.seed)))
+    return x.cpu()  # (B, C, H, W) normalized and augmented, exactly as step 1 sees it
+
+
+def build_for(cfg: TrainConfig, data: Dataset, *, initialize: bool = True) -> nn.Module:
+    """The model of ``cfg`` sized for ``data`` and initialized by ``cfg.init`` (on the CPU, NCHW).
+    A data-dependent init (``lsuv``) sees the run's first training batch.  ``initialize=False``
+    only builds it (with the residual branch its init needs), for weights loaded afterwards."""
     model = build_model(
         cfg.model, num_classes=data.num_classes, in_channels=data.in_channels, norm=cfg.norm,
-        input_size=data.image_size, **cfg.model_options(),
+        input_size=data.image_size, conv=cfg.conv, **cfg.model_options(),
     )
-    init_weights(model, cfg.init, seed=cfg.seed)
+    if not initialize:
+        return model
+    batch = first_batch(cfg, data) if needs_batch(cfg.init) else None
+    report = init_weights(model, cfg.init, seed=cfg.seed, batch=batch)
+    variances = [row.output_var for row in report if row.output_var is not None]
+    if variances:
+        log.info("init %s: output variance of %d layers on the first batch in [%.3f, %.3f]",
+                 cfg.init, len(variances), min(variances), max(variances))
     return model
 
 

@@ -37,6 +37,7 @@ from typing import Any
 
 from torch import nn
 
+from ..convs import ScaledStdConv2d, StdConv2d, resolve_conv, standardize_convs
 from ..errors import SpecError, choices_error
 from ..norms import norm_factory
 from ..specs import to_bool, to_float, to_int
@@ -154,6 +155,7 @@ def build_model(
     in_channels: int = 3,
     norm: str = "bn",
     input_size: int | tuple[int, int] | None = None,
+    conv: str = "default",
     **options: Any,
 ) -> nn.Module:
     """Build the registered model ``name``.
@@ -166,6 +168,8 @@ def build_model(
             validated even for models without norm layers.
         input_size: input height/width (an int or ``(H, W)``); only models that
             need it (``mlp``) or check it (``simple_cnn``) use it.
+        conv: ``default`` (the model's own convolutions), ``ws`` or ``sws``: every
+            ``nn.Conv2d`` becomes a weight-standardized one (:mod:`reslab.convs`).
         **options: the model's own options, see :func:`model_options`.
 
     Unknown names, unknown options and bad values raise :class:`SpecError`.
@@ -188,12 +192,27 @@ def build_model(
         "norm": norm,
         "input_size": input_size,
     }
+    resolve_conv(conv)
     if torchvision:
-        return build_torchvision_model(name, **common, **options)
-    kwargs = {key: common[key] for key in entry.common}
-    for key, value in options.items():
-        kwargs[key] = _coerce(value, entry.options[key], f"option {key!r} of model {name!r}")
-    return entry.fn(**kwargs)
+        model = build_torchvision_model(name, **common, **options)
+    else:
+        kwargs = {key: common[key] for key in entry.common}
+        for key, value in options.items():
+            kwargs[key] = _coerce(value, entry.options[key], f"option {key!r} of model {name!r}")
+        model = entry.fn(**kwargs)
+    return _with_convs(model, conv, name)
+
+
+def _with_convs(model: nn.Module, conv: str, name: str) -> nn.Module:
+    """``model`` with its convolutions weight-standardized as ``conv`` says."""
+    if resolve_conv(conv).name == "default":
+        return model
+    built = {type(m).__name__ for m in model.modules() if isinstance(m, (StdConv2d, ScaledStdConv2d))}
+    wanted = {"ws": "StdConv2d", "sws": "ScaledStdConv2d"}[resolve_conv(conv).name]
+    if built - {wanted}:
+        raise SpecError(f"conv {conv!r}: model {name!r} is built with {', '.join(sorted(built))} already "
+                        f"(init nf uses scaled WS); drop --conv or use --conv sws")
+    return standardize_convs(model, conv)[0]
 
 
 # Importing the model modules fills the registry (ResNets first, so they lead

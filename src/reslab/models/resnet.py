@@ -14,34 +14,60 @@ their plain counterparts without shortcuts (``plain20`` ...; He et al. Fig. 6).
   initialization schemes are applied afterwards by ``reslab.inits.init_weights``.
 * No in-place operations (``ReLU(inplace=False)``, ``out = out + identity``), so
   forward hooks used by the diagnostics see each module's true output.
+* A norm that fuses its activation (``frn``, ``evonorm``) is built with ``act=True``
+  where a ReLU follows it, and the block then skips its own ReLU there: the block
+  asks the layer (:func:`reslab.norms.norm_activates`).
+* ``branch`` picks the residual branch of every block, for training without a norm:
+
+  ============ ================================================================
+  ``standard`` ``relu(f(x) + shortcut(x))`` (He et al. 2015)
+  ``fixup``    Fixup (Zhang, Dauphin & Ma 2019, arXiv 1901.09321): a scalar bias
+               before each conv and activation, a scalar multiplier at the end
+               of the branch (parameters ``bias1a``, ``bias1b``, ..., ``scale``)
+  ``skipinit`` SkipInit (De & Smith 2020, arXiv 2002.10444): ``relu(g * f(x) +
+               shortcut(x))`` with a learnable scalar ``skipinit_gain``
+  ``nf``       NF-ResNet (Brock, De & Smith 2021, arXiv 2101.08692): ``x + alpha *
+               f(relu(x) / beta)``, pre-activation, every conv with Scaled Weight
+               Standardization, ``beta`` the expected std of the block input
+  ============ ================================================================
+
+  The scalars are parameters of the blocks; ``branch="standard"`` adds none, so the
+  ``state_dict`` of a standard ResNet is unchanged.  The init schemes ``fixup``,
+  ``skipinit`` and ``nf`` (:mod:`reslab.normfree`) build the model with their branch
+  and set these parameters.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..convs import RELU_GAMMA, ScaledStdConv2d
 from ..errors import SpecError, choices_error
-from ..norms import NormFactory, has_affine_weight, norm_factory
+from ..norms import NormFactory, build_norm, has_affine_weight, norm_activates, norm_factory
 from . import _positive_int, register_model
 
 STEMS = ("imagenet", "cifar")
 SHORTCUTS = ("A", "B")
+BRANCHES = ("standard", "fixup", "skipinit", "nf")
+NF_ALPHA = 0.2  # Brock et al. 2021's residual scale alpha
+
+
+def _scalar(value: float) -> nn.Parameter:
+    return nn.Parameter(torch.full((), float(value)))
+
+
+def _check_branch(branch: str, alpha: float) -> str:
+    if branch not in BRANCHES:
+        raise choices_error("branch", branch, BRANCHES)
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 < alpha <= 1):
+        raise SpecError(f"NF-ResNet alpha must be in (0, 1], got {alpha!r}")
+    return branch
 IMAGENET_INPUT = (3, 224)  # (channels, side) the ImageNet family was designed for
-
-
-def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    """3x3 convolution with padding; no bias, since a norm follows it."""
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
-
-
-def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    """1x1 convolution; no bias, since a norm follows it."""
-    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
 def _zero_weight(norm: nn.Module) -> bool:
@@ -84,12 +110,116 @@ class ZeroPadShortcut(nn.Module):
         return f"stride={self.stride}, extra_channels={self.extra_channels}"
 
 
-class BasicBlock(nn.Module):
+class _ResidualBlock(nn.Module):
+    """What BasicBlock and Bottleneck share: the branch variants and how the branch meets the shortcut.
+
+    Subclasses build ``convs`` (the branch's convolutions in order) and ``norms`` (the
+    norm after each) and call :meth:`_finish`.  The branch is
+    ``conv1 -> bn1 -> relu -> ... -> conv_m -> bn_m``; the block returns
+    ``relu(branch(x) + shortcut(x))`` (``branch="standard"``), with Fixup's scalar biases
+    and multiplier, or SkipInit's gain, or NF-ResNet's pre-activation form
+    ``x + alpha * branch(relu(x) / beta)`` without the final ReLU.
+    """
+
+    expansion = 1
+    branch_kind = "standard"
+
+    def _finish(self, convs: list[str], norms: list[str], branch: str, alpha: float, beta: float) -> None:
+        self._convs, self._norms = convs, norms
+        self.branch_kind = branch
+        self.layers_per_branch = len(convs)
+        if not self.residual and branch != "standard":
+            raise SpecError(f"branch={branch!r} needs residual blocks; a plain net (residual=False) has no "
+                            "residual branch to scale")
+        # Inside the branch a ReLU follows every norm but the last, unless the norm activates.
+        for i, name in enumerate(norms[:-1]):
+            if norm_activates(getattr(self, name)):
+                self.add_module(f"act{i + 1}", nn.Identity())
+        if branch == "fixup":
+            # Zhang et al. 2019 Fig. 1: a bias before each conv and each activation, a
+            # multiplier (1) and a bias at the end of the branch.  Registered in forward order.
+            for i in range(len(convs)):
+                self.register_parameter(f"bias{i + 1}a", _scalar(0.0))
+                if i < len(convs) - 1:
+                    self.register_parameter(f"bias{i + 1}b", _scalar(0.0))
+            self.scale = _scalar(1.0)
+            self.register_parameter(f"bias{len(convs)}b", _scalar(0.0))
+        elif branch == "skipinit":
+            self.skipinit_gain = _scalar(0.0)  # De & Smith 2020: 0, so the block starts as its shortcut
+        elif branch == "nf":
+            self.alpha, self.beta = float(alpha), float(beta)
+
+    def _add(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``x`` plus the Fixup bias ``name``; ``x`` itself in every other branch."""
+        return x + getattr(self, name) if self.branch_kind == "fixup" else x
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:  # (N, inplanes, H, W)
+        """The residual branch as it reaches the addition (scalars applied); for NF, of ``relu(x) / beta``."""
+        out = x
+        last = len(self._convs) - 1
+        for i, (conv, norm) in enumerate(zip(self._convs, self._norms)):
+            out = getattr(self, norm)(getattr(self, conv)(self._add(out, f"bias{i + 1}a")))
+            if i < last:
+                act = getattr(self, f"act{i + 1}", self.relu)
+                out = act(self._add(out, f"bias{i + 1}b"))
+        if self.branch_kind == "fixup":
+            return out * self.scale + getattr(self, f"bias{last + 1}b")
+        if self.branch_kind == "skipinit":
+            return out * self.skipinit_gain
+        if self.branch_kind == "nf":
+            return out * self.alpha
+        return out
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:  # (N, inplanes, H, W)
+        """What the branch is added to: the input, or its projection / zero-padding.  In an
+        NF block a projection takes ``relu(x) / beta``, which resets the signal's variance."""
+        if self.downsample is None:
+            return x
+        if self.branch_kind == "nf":
+            return self.downsample(self._nf_input(x))
+        return self.downsample(self._add(x, "bias1a"))  # Fixup's shortcut sees the biased input too
+
+    def _nf_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(x) / self.beta
+
+    def zero_init_last(self) -> bool:
+        """Zero the residual branch's last norm scale, so the block starts as the identity.
+
+        Goyal et al. 2017 (arXiv 1706.02677, Sec. 5.1).  A no-op for plain blocks,
+        whose only path is the branch: zeroing it would cut the signal.  True if a
+        scale was zeroed.
+        """
+        return self.residual and _zero_weight(getattr(self, self._norms[-1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, inplanes, H, W)
+        if self.branch_kind == "nf":  # pre-activation: no ReLU after the addition
+            pre = self._nf_input(x)
+            return (x if self.downsample is None else self.downsample(pre)) + self.branch(pre)
+        out = self.branch(x)
+        if self.residual:
+            out = out + self.shortcut(x)
+        return self.relu(out)
+
+    def extra_repr(self) -> str:
+        if self.branch_kind == "nf":
+            return f"branch=nf, alpha={self.alpha:g}, beta={self.beta:.4g}"
+        return "" if self.branch_kind == "standard" else f"branch={self.branch_kind}"
+
+
+def _branch_conv(branch: str, gamma: float = RELU_GAMMA) -> Callable[..., nn.Conv2d]:
+    """The conv class of a branch: Scaled WS for NF-ResNets, else a plain Conv2d without bias."""
+    if branch == "nf":
+        return lambda *args, **kwargs: ScaledStdConv2d(*args, bias=False, gamma=gamma, **kwargs)
+    return lambda *args, **kwargs: nn.Conv2d(*args, bias=False, **kwargs)
+
+
+class BasicBlock(_ResidualBlock):
     """Two 3x3 convolutions, for ResNet-18/34 and the CIFAR nets (He et al. 2015 Fig. 2).
 
     ``downsample`` maps the input onto the output's shape where they differ
     (a projection or :class:`ZeroPadShortcut`); ``residual=False`` drops the
-    shortcut altogether, giving the plain nets of He et al. Fig. 6.
+    shortcut altogether, giving the plain nets of He et al. Fig. 6.  ``branch``,
+    ``alpha`` and ``beta``: see the module docstring.
     """
 
     expansion = 1
@@ -103,37 +233,33 @@ class BasicBlock(nn.Module):
         *,
         norm_layer: NormFactory | None = None,
         residual: bool = True,
+        branch: str = "standard",
+        alpha: float = NF_ALPHA,
+        beta: float = 1.0,
     ):
         super().__init__()
         norm_layer = norm_layer or norm_factory("bn")
+        conv = _branch_conv(_check_branch(branch, alpha))
         self.residual = residual
-        self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = norm_layer(planes)
+        self.conv1 = conv(inplanes, planes, kernel_size=3, stride=stride, padding=1)
+        self.bn1 = build_norm(norm_layer, planes, act=True)
         self.relu = nn.ReLU()
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = norm_layer(planes)
+        self.conv2 = conv(planes, planes, kernel_size=3, padding=1)
+        # A plain block's ReLU follows bn2 directly; a residual block adds the shortcut first.
+        self.bn2 = build_norm(norm_layer, planes, act=not residual)
         self.downsample = downsample
         self.stride = stride
+        self._finish(["conv1", "conv2"], ["bn1", "bn2"], branch, alpha, beta)
+        if not residual and norm_activates(self.bn2):
+            self.relu_out = nn.Identity()
 
-    def zero_init_last(self) -> bool:
-        """Zero the residual branch's last norm scale, so the block starts as the identity.
-
-        Goyal et al. 2017 (arXiv 1706.02677, Sec. 5.1).  A no-op for plain blocks,
-        whose only path is the branch: zeroing it would cut the signal.  True if a
-        scale was zeroed.
-        """
-        return self.residual and _zero_weight(self.bn2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, inplanes, H, W)
-        out = self.relu(self.bn1(self.conv1(x)))  # (N, planes, H/s, W/s)
-        out = self.bn2(self.conv2(out))  # (N, planes, H/s, W/s)
-        if self.residual:
-            identity = x if self.downsample is None else self.downsample(x)
-            out = out + identity
-        return self.relu(out)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, inplanes, H, W) -> (N, planes, H/s, W/s)
+        if not self.residual:
+            return getattr(self, "relu_out", self.relu)(self.branch(x))
+        return super().forward(x)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
     """1x1 reduce, 3x3, 1x1 expand (x4), for ResNet-50/101/152 (He et al. 2015 Fig. 5).
 
     The stride sits on the 3x3 convolution, as in torchvision's "ResNet v1.5"
@@ -152,33 +278,31 @@ class Bottleneck(nn.Module):
         *,
         norm_layer: NormFactory | None = None,
         residual: bool = True,
+        branch: str = "standard",
+        alpha: float = NF_ALPHA,
+        beta: float = 1.0,
     ):
         super().__init__()
         norm_layer = norm_layer or norm_factory("bn")
+        conv = _branch_conv(_check_branch(branch, alpha))
         self.residual = residual
-        self.conv1 = conv1x1(inplanes, planes)
-        self.bn1 = norm_layer(planes)
-        self.conv2 = conv3x3(planes, planes, stride)
-        self.bn2 = norm_layer(planes)
-        self.conv3 = conv1x1(planes, planes * self.expansion)
-        self.bn3 = norm_layer(planes * self.expansion)
+        self.conv1 = conv(inplanes, planes, kernel_size=1)
+        self.bn1 = build_norm(norm_layer, planes, act=True)
+        self.conv2 = conv(planes, planes, kernel_size=3, stride=stride, padding=1)
+        self.bn2 = build_norm(norm_layer, planes, act=True)
+        self.conv3 = conv(planes, planes * self.expansion, kernel_size=1)
+        self.bn3 = build_norm(norm_layer, planes * self.expansion, act=not residual)
         self.relu = nn.ReLU()
         self.downsample = downsample
         self.stride = stride
+        self._finish(["conv1", "conv2", "conv3"], ["bn1", "bn2", "bn3"], branch, alpha, beta)
+        if not residual and norm_activates(self.bn3):
+            self.relu_out = nn.Identity()
 
-    def zero_init_last(self) -> bool:
-        """Zero ``bn3``'s scale (Goyal et al. 2017, arXiv 1706.02677); a no-op for plain blocks.
-        True if a scale was zeroed."""
-        return self.residual and _zero_weight(self.bn3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, inplanes, H, W)
-        out = self.relu(self.bn1(self.conv1(x)))  # (N, planes, H, W)
-        out = self.relu(self.bn2(self.conv2(out)))  # (N, planes, H/s, W/s)
-        out = self.bn3(self.conv3(out))  # (N, 4 * planes, H/s, W/s)
-        if self.residual:
-            identity = x if self.downsample is None else self.downsample(x)
-            out = out + identity
-        return self.relu(out)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, inplanes, H, W) -> (N, 4 * planes, H/s, W/s)
+        if not self.residual:
+            return getattr(self, "relu_out", self.relu)(self.branch(x))
+        return super().forward(x)
 
 
 Block = type[BasicBlock] | type[Bottleneck]
@@ -202,6 +326,14 @@ class ResNet(nn.Module):
         zero_init_residual: call every block's ``zero_init_last()`` at construction, so each
             residual block starts as the identity (Goyal et al. 2017, arXiv 1706.02677).
         residual: ``False`` removes every shortcut: the plain nets of He et al. Fig. 6.
+        branch: ``standard``, ``fixup``, ``skipinit`` or ``nf``: every block's residual
+            branch (module docstring).  Fixup also adds the scalar biases ``bias1`` (after
+            the stem conv) and ``bias2`` (before ``fc``).  ``nf`` builds every conv with
+            Scaled WS, drops the stem's ReLU, ends the stages with a ReLU, and gives each
+            block ``beta``: the expected std of its input, which grows as
+            ``Var = 1 + k * alpha^2`` over the blocks since the last projection shortcut and
+            resets to 1 after it (Brock, De & Smith 2021, Sec. 4).
+        alpha: NF-ResNet's residual scale (0.2); used by ``branch="nf"`` only.
     """
 
     def __init__(
@@ -217,8 +349,14 @@ class ResNet(nn.Module):
         widths: Sequence[int] = (64, 128, 256, 512),
         zero_init_residual: bool = False,
         residual: bool = True,
+        branch: str = "standard",
+        alpha: float = NF_ALPHA,
     ):
         super().__init__()
+        _check_branch(branch, alpha)
+        if branch != "standard" and not residual:
+            raise SpecError(f"branch={branch!r} needs residual blocks; a plain net has no residual branch "
+                            "(use a cifar_resnet* or resnet* model)")
         if stem not in STEMS:
             raise choices_error("stem", stem, STEMS)
         shortcut = shortcut.upper() if isinstance(shortcut, str) else shortcut
@@ -237,22 +375,31 @@ class ResNet(nn.Module):
         self.stem_kind = stem
         self.shortcut_kind = shortcut
         self.residual = residual
+        self.branch = branch
+        nf = branch == "nf"
 
-        # Stem.
+        # Stem.  NF: Scaled WS with gamma 1 (its input is the data, not a ReLU's output)
+        # and no activation: each NF block activates its own input.
+        stem_conv = _branch_conv(branch, gamma=1.0)
         if stem == "imagenet":
-            self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
+            self.conv1 = stem_conv(in_channels, widths[0], kernel_size=7, stride=2, padding=3)
             self.maxpool: nn.Module = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         else:
-            self.conv1 = conv3x3(in_channels, widths[0])
+            self.conv1 = stem_conv(in_channels, widths[0], kernel_size=3, padding=1)
             self.maxpool = nn.Identity()
         with _located("bn1"):
-            self.bn1 = norm_layer(widths[0])
+            self.bn1 = build_norm(norm_layer, widths[0], act=not nf)
         self.relu = nn.ReLU()
+        if nf or norm_activates(self.bn1):
+            self.stem_act = nn.Identity()
+        if branch == "fixup":
+            self.bias1 = _scalar(0.0)  # Zhang et al. 2019: after the stem conv, before its ReLU
 
         # Stages layer1, layer2, ...: torchvision's names.  The first block of each
         # stage after the first halves the resolution.
         self.stage_names: list[str] = []
         inplanes = widths[0]
+        expected_var = 1.0  # NF: the variance of the next block's input, tracked analytically
         for index, (count, width) in enumerate(zip(layers, widths)):
             name = f"layer{index + 1}"
             blocks = []
@@ -260,7 +407,11 @@ class ResNet(nn.Module):
                 stride = 2 if index > 0 and position == 0 else 1
                 with _located(f"{name}.{position}"):
                     downsample = self._make_shortcut(inplanes, width * block.expansion, stride, norm_layer)
-                    blocks.append(block(inplanes, width, stride, downsample, norm_layer=norm_layer, residual=residual))
+                    blocks.append(block(inplanes, width, stride, downsample, norm_layer=norm_layer, residual=residual,
+                                        branch=branch, alpha=alpha, beta=expected_var ** 0.5))
+                if downsample is not None:
+                    expected_var = 1.0  # the shortcut carried relu(x) / beta: variance reset
+                expected_var += alpha**2
                 inplanes = width * block.expansion
             self.add_module(name, nn.Sequential(*blocks))
             self.stage_names.append(name)
@@ -268,6 +419,8 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(inplanes, num_classes)
         self.num_features = inplanes
+        if branch == "fixup":
+            self.bias2 = _scalar(0.0)  # Zhang et al. 2019: before the classifier
 
         # Recorded on the model, so ``init_weights`` (which sets every norm scale) keeps
         # these scales at zero instead of undoing them.
@@ -285,18 +438,27 @@ class ResNet(nn.Module):
             return None
         if self.shortcut_kind == "A":
             return ZeroPadShortcut(inplanes, outplanes, stride)
-        return nn.Sequential(conv1x1(inplanes, outplanes, stride), norm_layer(outplanes))
+        # NF: the projection takes relu(x) / beta, so Scaled WS with the ReLU gain.
+        conv = _branch_conv(self.branch)(inplanes, outplanes, kernel_size=1, stride=stride)
+        return nn.Sequential(conv, build_norm(norm_layer, outplanes, act=False))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # (N, C_in, H, W)
         """Stem and stages: the last feature map before pooling."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (N, widths[0], H/4, W/4) imagenet; (.., H, W) cifar
+        x = self.bn1(self.conv1(x))
+        if self.branch == "fixup":
+            x = x + self.bias1
+        x = self.maxpool(getattr(self, "stem_act", self.relu)(x))  # (N, widths[0], H/4, W/4) imagenet; (.., H, W) cifar
         for name in self.stage_names:
             x = getattr(self, name)(x)
+        if self.branch == "nf":
+            x = self.relu(x)  # pre-activation blocks leave the last addition un-activated
         return x  # (N, num_features, H', W')
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C_in, H, W)
-        x = self.avgpool(self.forward_features(x))  # (N, num_features, 1, 1)
-        return self.fc(torch.flatten(x, 1))  # (N, num_classes)
+        x = torch.flatten(self.avgpool(self.forward_features(x)), 1)  # (N, num_features)
+        if self.branch == "fixup":
+            x = x + self.bias2
+        return self.fc(x)  # (N, num_classes)
 
 
 # --- registered entry points -------------------------------------------------
@@ -314,73 +476,93 @@ def _cifar_resnet(depth: int, *, width: int, **kwargs) -> ResNet:
 
 
 @register_model(default_input=IMAGENET_INPUT)
-def resnet18(*, num_classes, in_channels, norm, stem="imagenet", shortcut="B", width=64, zero_init_residual=False):
+def resnet18(*, num_classes, in_channels, norm, stem="imagenet", shortcut="B", width=64, zero_init_residual=False,
+              branch="standard", alpha=NF_ALPHA):
     """ResNet-18: BasicBlock x (2, 2, 2, 2), ImageNet stem, widths 64..512 (torchvision names)."""
     return _imagenet_resnet(BasicBlock, (2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels, norm=norm,
-                            stem=stem, shortcut=shortcut, width=width, zero_init_residual=zero_init_residual)
+                            stem=stem, shortcut=shortcut, width=width, zero_init_residual=zero_init_residual,
+                            branch=branch, alpha=alpha)
 
 
 @register_model(default_input=IMAGENET_INPUT)
-def resnet34(*, num_classes, in_channels, norm, stem="imagenet", shortcut="B", width=64, zero_init_residual=False):
+def resnet34(*, num_classes, in_channels, norm, stem="imagenet", shortcut="B", width=64, zero_init_residual=False,
+              branch="standard", alpha=NF_ALPHA):
     """ResNet-34: BasicBlock x (3, 4, 6, 3), ImageNet stem, widths 64..512 (torchvision names)."""
     return _imagenet_resnet(BasicBlock, (3, 4, 6, 3), num_classes=num_classes, in_channels=in_channels, norm=norm,
-                            stem=stem, shortcut=shortcut, width=width, zero_init_residual=zero_init_residual)
+                            stem=stem, shortcut=shortcut, width=width, zero_init_residual=zero_init_residual,
+                            branch=branch, alpha=alpha)
 
 
 @register_model(default_input=IMAGENET_INPUT)
-def resnet50(*, num_classes, in_channels, norm, stem="imagenet", shortcut="B", width=64, zero_init_residual=False):
+def resnet50(*, num_classes, in_channels, norm, stem="imagenet", shortcut="B", width=64, zero_init_residual=False,
+              branch="standard", alpha=NF_ALPHA):
     """ResNet-50: Bottleneck x (3, 4, 6, 3), ImageNet stem, widths 64..512 x4 (torchvision names)."""
     return _imagenet_resnet(Bottleneck, (3, 4, 6, 3), num_classes=num_classes, in_channels=in_channels, norm=norm,
-                            stem=stem, shortcut=shortcut, width=width, zero_init_residual=zero_init_residual)
+                            stem=stem, shortcut=shortcut, width=width, zero_init_residual=zero_init_residual,
+                            branch=branch, alpha=alpha)
 
 
 @register_model(default_input=IMAGENET_INPUT)
-def resnet101(*, num_classes, in_channels, norm, stem="imagenet", shortcut="B", width=64, zero_init_residual=False):
+def resnet101(*, num_classes, in_channels, norm, stem="imagenet", shortcut="B", width=64, zero_init_residual=False,
+              branch="standard", alpha=NF_ALPHA):
     """ResNet-101: Bottleneck x (3, 4, 23, 3), ImageNet stem, widths 64..512 x4 (torchvision names)."""
     return _imagenet_resnet(Bottleneck, (3, 4, 23, 3), num_classes=num_classes, in_channels=in_channels, norm=norm,
-                            stem=stem, shortcut=shortcut, width=width, zero_init_residual=zero_init_residual)
+                            stem=stem, shortcut=shortcut, width=width, zero_init_residual=zero_init_residual,
+                            branch=branch, alpha=alpha)
 
 
 @register_model(default_input=IMAGENET_INPUT)
-def resnet152(*, num_classes, in_channels, norm, stem="imagenet", shortcut="B", width=64, zero_init_residual=False):
+def resnet152(*, num_classes, in_channels, norm, stem="imagenet", shortcut="B", width=64, zero_init_residual=False,
+              branch="standard", alpha=NF_ALPHA):
     """ResNet-152: Bottleneck x (3, 8, 36, 3), ImageNet stem, widths 64..512 x4 (torchvision names)."""
     return _imagenet_resnet(Bottleneck, (3, 8, 36, 3), num_classes=num_classes, in_channels=in_channels, norm=norm,
-                            stem=stem, shortcut=shortcut, width=width, zero_init_residual=zero_init_residual)
+                            stem=stem, shortcut=shortcut, width=width, zero_init_residual=zero_init_residual,
+                            branch=branch, alpha=alpha)
 
 
 @register_model
-def cifar_resnet20(*, num_classes, in_channels, norm, stem="cifar", shortcut="A", width=16, zero_init_residual=False):
+def cifar_resnet20(*, num_classes, in_channels, norm, stem="cifar", shortcut="A", width=16, zero_init_residual=False,
+              branch="standard", alpha=NF_ALPHA):
     """CIFAR ResNet-20 (n=3, 0.27M params, He et al. 2015 Table 6): widths 16/32/64, shortcut A."""
     return _cifar_resnet(20, num_classes=num_classes, in_channels=in_channels, norm=norm,
-                         stem=stem, shortcut=shortcut, width=width, zero_init_residual=zero_init_residual)
+                         stem=stem, shortcut=shortcut, width=width, zero_init_residual=zero_init_residual,
+                            branch=branch, alpha=alpha)
 
 
 @register_model
-def cifar_resnet32(*, num_classes, in_channels, norm, stem="cifar", shortcut="A", width=16, zero_init_residual=False):
+def cifar_resnet32(*, num_classes, in_channels, norm, stem="cifar", shortcut="A", width=16, zero_init_residual=False,
+              branch="standard", alpha=NF_ALPHA):
     """CIFAR ResNet-32 (n=5, 0.46M params, He et al. 2015 Table 6): widths 16/32/64, shortcut A."""
     return _cifar_resnet(32, num_classes=num_classes, in_channels=in_channels, norm=norm,
-                         stem=stem, shortcut=shortcut, width=width, zero_init_residual=zero_init_residual)
+                         stem=stem, shortcut=shortcut, width=width, zero_init_residual=zero_init_residual,
+                            branch=branch, alpha=alpha)
 
 
 @register_model
-def cifar_resnet44(*, num_classes, in_channels, norm, stem="cifar", shortcut="A", width=16, zero_init_residual=False):
+def cifar_resnet44(*, num_classes, in_channels, norm, stem="cifar", shortcut="A", width=16, zero_init_residual=False,
+              branch="standard", alpha=NF_ALPHA):
     """CIFAR ResNet-44 (n=7, 0.66M params, He et al. 2015 Table 6): widths 16/32/64, shortcut A."""
     return _cifar_resnet(44, num_classes=num_classes, in_channels=in_channels, norm=norm,
-                         stem=stem, shortcut=shortcut, width=width, zero_init_residual=zero_init_residual)
+                         stem=stem, shortcut=shortcut, width=width, zero_init_residual=zero_init_residual,
+                            branch=branch, alpha=alpha)
 
 
 @register_model
-def cifar_resnet56(*, num_classes, in_channels, norm, stem="cifar", shortcut="A", width=16, zero_init_residual=False):
+def cifar_resnet56(*, num_classes, in_channels, norm, stem="cifar", shortcut="A", width=16, zero_init_residual=False,
+              branch="standard", alpha=NF_ALPHA):
     """CIFAR ResNet-56 (n=9, 0.85M params, He et al. 2015 Table 6): widths 16/32/64, shortcut A."""
     return _cifar_resnet(56, num_classes=num_classes, in_channels=in_channels, norm=norm,
-                         stem=stem, shortcut=shortcut, width=width, zero_init_residual=zero_init_residual)
+                         stem=stem, shortcut=shortcut, width=width, zero_init_residual=zero_init_residual,
+                            branch=branch, alpha=alpha)
 
 
 @register_model
-def cifar_resnet110(*, num_classes, in_channels, norm, stem="cifar", shortcut="A", width=16, zero_init_residual=False):
+def cifar_resnet110(*, num_classes, in_channels, norm, stem="cifar", shortcut="A", width=16, zero_init_residual=False,
+              branch="standard", alpha=NF_ALPHA):
     """CIFAR ResNet-110 (n=18, 1.7M params, He et al. 2015 Table 6): widths 16/32/64, shortcut A."""
     return _cifar_resnet(110, num_classes=num_classes, in_channels=in_channels, norm=norm,
-                         stem=stem, shortcut=shortcut, width=width, zero_init_residual=zero_init_residual)
+                         stem=stem, shortcut=shortcut, width=width, zero_init_residual=zero_init_residual,
+                            branch=branch, alpha=alpha)
 
 
 @register_model
