@@ -94,14 +94,14 @@ def test_bad_study_files_are_one_line_and_write_nothing(capsys, tmp_path, change
 
 def test_unknown_study_names_the_shipped_ones(capsys, tmp_path):
     code, _, err = cli(capsys, "study", "depht", "--out", tmp_path / "o")
-    assert code == 2 and "'depht'" in err and "batch-size, depth, inits, norms" in err
+    assert code == 2 and "'depht'" in err and "batch-size, depth, inits, normfree, norms" in err
     code, _, err = cli(capsys, "study", tmp_path / "missing.yaml")
     assert code == 2 and "missing.yaml" in err
 
 
 def test_shipped_studies_are_valid_data_with_budgets(capsys):
     studies = shipped_studies()
-    assert {"inits", "norms", "batch-size", "depth"} <= set(studies)
+    assert {"inits", "norms", "batch-size", "depth", "normfree"} <= set(studies)
     for name, study in studies.items():
         assert study.claim and study.budget_s and study.checks, name
         for check in study.checks:
@@ -211,3 +211,16 @@ def test_narrowing_an_axis_the_checks_name_to_one_value_still_judges_the_study(c
     # the batch-32 check is judged from its runs; no run has batch 16, so that one cannot be decided
     assert [e["result"] for e in verdict["evidence"]] == ["holds", "inconclusive"]
     assert verdict["verdict"] == "inconclusive" and "verdict: inconclusive" in stdout
+
+
+def test_normfree_study_runs_every_recipe_and_judges_all_its_checks(capsys, tmp_path):
+    # the shipped study shrunk to one seed, one epoch and ResNet-20: every (norm, init) cell runs
+    out = tmp_path / "normfree"
+    code, stdout, err = cli(capsys, "study", "normfree", "--seeds", "0", "--epochs", "1", "--model", "cifar_resnet20",
+                            "--out", str(out))
+    assert code in (0, 1), err
+    verdict = json.loads((out / "verdict.json").read_text())
+    assert len(verdict["evidence"]) == 5 and verdict["verdict"] in ("supported", "not supported", "inconclusive")
+    cells = sorted(p.parent.name for p in out.glob("*/summary.json"))
+    assert cells == sorted(f"norm={norm}-init={init}-seed=0" for norm in ("bn", "none")
+                           for init in ("kaiming_normal_mode=fan_out", "fixup", "skipinit", "nf"))
