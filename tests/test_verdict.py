@@ -92,6 +92,8 @@ def test_interval_arithmetic():
     ("mean('bn') > 0.5", "keywords"),
     ("mean(width='64') > 0.5", "'width' is not a field"),
     ("mean(norm='bn') >", "not a valid expression"),
+    ("\ud800", "not a valid expression"),          # a lone surrogate: ast.parse raised UnicodeEncodeError
+    ("mean(norm='b\x00n') > 0", "not a valid expression"),
 ])
 def test_bad_checks_are_spec_errors(text, fragment):
     with pytest.raises(SpecError, match=fragment.replace("(", r"\(")):

@@ -174,6 +174,9 @@ def parse_check(text: str, grid_fields: Iterable[str] | None = None) -> ast.Expr
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as exc:
         raise SpecError(f"verdict check {text!r} is not a valid expression: {exc.msg}") from None
+    except (UnicodeError, ValueError):  # a lone surrogate cannot be encoded; a NUL byte is refused
+        raise SpecError(f"verdict check {text!r} is not a valid expression: it holds characters Python "
+                        "source cannot") from None
     known = set(grid_fields) if grid_fields is not None else None
     has_comparison = False
     for node in ast.walk(tree):
