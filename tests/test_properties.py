@@ -11,7 +11,9 @@ from hypothesis import strategies as st  # noqa: E402
 from reslab.config import TrainConfig, config_from_dict, load_config_file  # noqa: E402
 from reslab.datasets import dataset_names, parse_dataset_spec  # noqa: E402
 from reslab.errors import SpecError  # noqa: E402
+from reslab.convs import conv_names, resolve_conv  # noqa: E402
 from reslab.inits import init_names, parse_policy, resolve_init  # noqa: E402
+from reslab.normfree import model_init_names, model_options_for_init  # noqa: E402
 from reslab.norms import make_norm, norm_names  # noqa: E402
 from reslab.optim import SCHEDULES, parse_schedule  # noqa: E402
 from reslab.specs import split_nonempty_list  # noqa: E402
@@ -30,7 +32,8 @@ noise = st.lists(st.one_of(st.text(alphabet=st.one_of(SYNTAX, st.characters()), 
 def after(names):
     """A valid name, then anything: ``gn:`` + noise reaches the argument binding."""
     return st.builds(lambda name, sep, rest: name + sep + rest, st.sampled_from(sorted(names)),
-                     st.sampled_from([":", ":groups=", ":eps=", ",", "="]), noise)
+                     st.sampled_from([":", ":groups=", ":eps=", ",", "=", ":tol=", ":max_iter=", ":alpha=",
+                                  ":gamma=", ":cpg=", ":r_max="]), noise)
 
 
 def parses_or_spec_error(parse, value):
@@ -54,10 +57,22 @@ def test_init_specs(text):
 
 @SETTINGS
 @given(st.one_of(noise, after(init_names()), st.dictionaries(
-    st.sampled_from(["conv", "linear", "bias", "norm", "zero_init_residual", "other"]),
+    st.sampled_from(["conv", "linear", "bias", "norm", "zero_init_residual", "model", "other"]),
     st.one_of(noise, st.booleans(), st.integers(), st.none(), st.floats()), max_size=4)))
 def test_init_policies(value):
     parses_or_spec_error(parse_policy, value)
+
+
+@SETTINGS
+@given(st.one_of(noise, after(conv_names())))
+def test_conv_specs(text):
+    parses_or_spec_error(resolve_conv, text)
+
+
+@SETTINGS
+@given(st.one_of(noise, after(model_init_names())), st.sampled_from(["cifar_resnet20", "plain20", "mlp"]))
+def test_whole_model_init_specs(text, model):
+    parses_or_spec_error(lambda t: model_options_for_init(model, t), text)
 
 
 @SETTINGS
