@@ -200,29 +200,6 @@ def test_normfree_init_on_a_model_built_without_its_branch_says_how():
         init_weights(model, "fixup")
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["--init", "lsuv:tol=0"], "tol"),
-    (["--init", "lsuv:tol=1.5"], "tol"),
-    (["--init", "lsuv:max_iter=0"], "max_iter"),
-    (["--init", "lsuv:max_iter=2.5"], "max_iter"),
-    (["--init", "nf:alpha=0"], "alpha"),
-    (["--init", "nf:alpha=2"], "alpha"),
-    (["--norm", "brn:r_max=0.5"], "r_max"),
-    (["--norm", "evonorm:5", "--model", "resnet18"], "evonorm:5"),
-    (["--conv", "wsx"], "wsx"),
-    (["--conv", "ws", "--init", "nf"], "ScaledStdConv2d"),
-    (["--init", "lsuv", "--conv", "sws"], "lsuv"),
-    (["--init", "{conv: fixup}"], "whole model"),
-])
-def test_bad_values_are_one_line_and_exit_2(argv, fragment, capsys, tmp_path):
-    base = ["train", "--model", "cifar_resnet20", "--dataset", "digits", "--epochs", "1", "--out", str(tmp_path / "run")]
-    code = main(base + argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.count("\n") == 0 and fragment in err, err
-    assert not (tmp_path / "run").exists()
-
-
 def test_evonorm_groups_error_names_the_layer_width():
     with pytest.raises(SpecError, match="evonorm:5.*64 channels"):
         build_model("resnet18", norm="evonorm:5", stem="cifar", width=64)

@@ -206,6 +206,20 @@ BAD_FLAGS = [
     (["--resume"], "--resume"),
     (["--frobnicate", "3"], "--frobnicate"),
     (["--config", "{tmp}/missing.yaml"], "missing.yaml"),
+    # norm-free nets, weight standardization, LSUV and the norms that came with them
+    (["--init", "lsuv:tol=0"], "tol"),
+    (["--init", "lsuv:tol=1.5"], "tol"),
+    (["--init", "lsuv:max_iter=0"], "max_iter"),
+    (["--init", "lsuv:max_iter=2.5"], "max_iter"),
+    (["--init", "nf:alpha=0", "--model", "cifar_resnet20"], "alpha"),
+    (["--init", "nf:alpha=2", "--model", "cifar_resnet20"], "alpha"),
+    (["--init", "fixup"], "'simple_cnn' has none"),
+    (["--norm", "brn:r_max=0.5"], "r_max"),
+    (["--norm", "evonorm:5", "--model", "resnet18"], "evonorm:5"),
+    (["--conv", "wsx"], "wsx"),
+    (["--conv", "ws", "--init", "nf", "--model", "cifar_resnet20"], "ScaledStdConv2d"),
+    (["--init", "lsuv", "--conv", "sws"], "lsuv"),
+    (["--init", "{conv: fixup}"], "whole model"),
 ]
 
 
