@@ -21,7 +21,8 @@ def test_the_api_names_stay_functions_after_every_submodule_is_imported():
         value = getattr(reslab, name)
         assert callable(value) and not isinstance(value, type(reslab)), name
         assert value.__doc__, name
-    assert set(reslab.__all__) >= {"train", "sweep", "study", "report", "signal", "load_run", "convert_norms"}
+    assert set(reslab.__all__) >= {"train", "sweep", "study", "report", "signal", "load_run", "convert_norms",
+                                   "standardize_convs", "lsuv_init", "norm_activates"}
 
 
 def test_train_load_and_evaluate_a_run_from_python(tmp_path):
