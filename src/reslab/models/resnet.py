@@ -131,10 +131,13 @@ class _ResidualBlock(nn.Module):
         if not self.residual and branch != "standard":
             raise SpecError(f"branch={branch!r} needs residual blocks; a plain net (residual=False) has no "
                             "residual branch to scale")
-        # Inside the branch a ReLU follows every norm but the last, unless the norm activates.
+        # Inside the branch a ReLU follows every norm but the last, unless the norm activates;
+        # in a plain block the last one is followed by the block's ReLU directly.
         for i, name in enumerate(norms[:-1]):
             if norm_activates(getattr(self, name)):
                 self.add_module(f"act{i + 1}", nn.Identity())
+        if not self.residual and norm_activates(getattr(self, norms[-1])):
+            self.relu_out = nn.Identity()
         if branch == "fixup":
             # Zhang et al. 2019 Fig. 1: a bias before each conv and each activation, a
             # multiplier (1) and a bias at the end of the branch.  Registered in forward order.
@@ -198,7 +201,7 @@ class _ResidualBlock(nn.Module):
         out = self.branch(x)
         if self.residual:
             out = out + self.shortcut(x)
-        return self.relu(out)
+        return getattr(self, "relu_out", self.relu)(out)
 
     def extra_repr(self) -> str:
         if self.branch_kind == "nf":
@@ -250,13 +253,6 @@ class BasicBlock(_ResidualBlock):
         self.downsample = downsample
         self.stride = stride
         self._finish(["conv1", "conv2"], ["bn1", "bn2"], branch, alpha, beta)
-        if not residual and norm_activates(self.bn2):
-            self.relu_out = nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, inplanes, H, W) -> (N, planes, H/s, W/s)
-        if not self.residual:
-            return getattr(self, "relu_out", self.relu)(self.branch(x))
-        return super().forward(x)
 
 
 class Bottleneck(_ResidualBlock):
@@ -296,13 +292,6 @@ class Bottleneck(_ResidualBlock):
         self.downsample = downsample
         self.stride = stride
         self._finish(["conv1", "conv2", "conv3"], ["bn1", "bn2", "bn3"], branch, alpha, beta)
-        if not residual and norm_activates(self.bn3):
-            self.relu_out = nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, inplanes, H, W) -> (N, 4 * planes, H/s, W/s)
-        if not self.residual:
-            return getattr(self, "relu_out", self.relu)(self.branch(x))
-        return super().forward(x)
 
 
 Block = type[BasicBlock] | type[Bottleneck]
