@@ -37,7 +37,7 @@ from typing import Any
 
 from torch import nn
 
-from ..convs import ScaledStdConv2d, StdConv2d, resolve_conv, standardize_convs
+from ..convs import ConvChoice, ScaledStdConv2d, StdConv2d, resolve_conv, standardize_convs
 from ..errors import SpecError, choices_error
 from ..norms import norm_factory
 from ..specs import to_bool, to_float, to_int
@@ -192,7 +192,7 @@ def build_model(
         "norm": norm,
         "input_size": input_size,
     }
-    resolve_conv(conv)
+    choice = resolve_conv(conv)
     if torchvision:
         model = build_torchvision_model(name, **common, **options)
     else:
@@ -200,19 +200,19 @@ def build_model(
         for key, value in options.items():
             kwargs[key] = _coerce(value, entry.options[key], f"option {key!r} of model {name!r}")
         model = entry.fn(**kwargs)
-    return _with_convs(model, conv, name)
+    return _with_convs(model, choice, name)
 
 
-def _with_convs(model: nn.Module, conv: str, name: str) -> nn.Module:
-    """``model`` with its convolutions weight-standardized as ``conv`` says."""
-    if resolve_conv(conv).name == "default":
+def _with_convs(model: nn.Module, choice: ConvChoice, name: str) -> nn.Module:
+    """``model`` with its convolutions weight-standardized as the resolved conv spec says."""
+    if choice.is_default:
         return model
-    built = {type(m).__name__ for m in model.modules() if isinstance(m, (StdConv2d, ScaledStdConv2d))}
-    wanted = {"ws": "StdConv2d", "sws": "ScaledStdConv2d"}[resolve_conv(conv).name]
-    if built - {wanted}:
-        raise SpecError(f"conv {conv!r}: model {name!r} is built with {', '.join(sorted(built))} already "
+    others = {type(m).__name__ for m in model.modules()
+              if isinstance(m, (StdConv2d, ScaledStdConv2d)) and type(m) is not choice.cls}
+    if others:
+        raise SpecError(f"conv {choice.text!r}: model {name!r} is built with {', '.join(sorted(others))} already "
                         f"(init nf uses scaled WS); drop --conv or use --conv sws")
-    return standardize_convs(model, conv)[0]
+    return standardize_convs(model, choice.text)[0]
 
 
 # Importing the model modules fills the registry (ResNets first, so they lead
