@@ -143,10 +143,8 @@ def preflight(configs: list[TrainConfig]) -> None:
         if key not in datasets:
             datasets[key] = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
                                          val_split=cfg.val_split, seed=cfg.seed)
-        data = datasets[key]
         with torch.device("meta"):
-            build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels, norm=cfg.norm,
-                        input_size=data.image_size, conv=cfg.conv, **cfg.model_options())
+            model_for(cfg, datasets[key])
 
 
 def _check_ghost_batches(model: nn.Module, cfg: TrainConfig, num_train: int, world_size: int) -> None:
@@ -210,14 +208,19 @@ def first_batch(cfg: TrainConfig, data: Dataset) -> torch.Tensor:
     return x.cpu()  # (B, C, H, W) normalized and augmented, exactly as step 1 sees it
 
 
-def build_for(cfg: TrainConfig, data: Dataset, *, initialize: bool = True) -> nn.Module:
-    """The model of ``cfg`` sized for ``data`` and initialized by ``cfg.init`` (on the CPU, NCHW).
-    A data-dependent init (``lsuv``) sees the run's first training batch.  ``initialize=False``
-    only builds it (with the residual branch its init needs), for weights loaded afterwards."""
-    model = build_model(
+def model_for(cfg: TrainConfig, data: Dataset) -> nn.Module:
+    """The model of ``cfg`` sized for ``data``, built (with the residual branch its init needs), not initialized."""
+    return build_model(
         cfg.model, num_classes=data.num_classes, in_channels=data.in_channels, norm=cfg.norm,
         input_size=data.image_size, conv=cfg.conv, **cfg.model_options(),
     )
+
+
+def build_for(cfg: TrainConfig, data: Dataset, *, initialize: bool = True) -> nn.Module:
+    """The model of ``cfg`` sized for ``data`` and initialized by ``cfg.init`` (on the CPU, NCHW).
+    A data-dependent init (``lsuv``) sees the run's first training batch.  ``initialize=False``
+    only builds it (:func:`model_for`), for weights loaded afterwards."""
+    model = model_for(cfg, data)
     if not initialize:
         return model
     batch = first_batch(cfg, data) if needs_batch(cfg.init) else None
