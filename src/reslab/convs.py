@@ -35,6 +35,9 @@ from .specs import Converter, Spec, bind, parse_spec, positive_float, to_float
 
 ConvFactory = Callable[..., nn.Conv2d]
 
+# The layers init schemes (reslab.inits) and LSUV treat as convolutions.
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
 # Weight Standardization's eps, added to the per-channel variance: 1e-6 as timm's StdConv2d / ScaledStdConv2d.
 WS_EPS = 1e-6
 

@@ -67,6 +67,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .convs import CONV_TYPES
 from .errors import SpecError
 from .norms import EvoNorm2dS0, FilterResponseNorm2d
 from .normfree import apply_model_init, is_model_init, list_model_inits, model_init_names, resolve_model_init
@@ -94,7 +95,6 @@ _REQUIRED = object()  # marks an argument without a default
 # The names torch.nn.init.calculate_gain accepts.
 NONLINEARITIES = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
                   "conv_transpose3d", "sigmoid", "tanh", "relu", "leaky_relu", "selu")
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # BatchNorm*/InstanceNorm*/SyncBatchNorm share _NormBase; reslab's LayerNorm2d and
 # InstanceNorm2dAffine are GroupNorms and its RMSNorm2d holds an nn.RMSNorm.
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, FilterResponseNorm2d,

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .convs import CONV_TYPES
 from .errors import SpecError
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # as reslab.inits (which imports this module)
 
 DEFAULT_TOL = 0.1      # the paper's Tol_var
 DEFAULT_MAX_ITER = 10  # the paper's T_max
