@@ -175,10 +175,10 @@ def describe(module: nn.Module) -> str:
     if isinstance(module, GhostBatchNorm2d):
         part = f"ghost={module.ghost}" if module.ghost is not None else f"splits={module.splits}"
         return f"{name}({c}, {part})"
-    if isinstance(module, EvoNorm2dS0):
-        return f"{name}({c}, groups={module.groups}{', +sigmoid gate' if norm_activates(module) else ''})"
-    if isinstance(module, FilterResponseNorm2d) and norm_activates(module):
-        return f"{name}({c}, +TLU)"
+    if isinstance(module, (EvoNorm2dS0, FilterResponseNorm2d)):
+        parts = [str(c)] + ([f"groups={module.groups}"] if isinstance(module, EvoNorm2dS0) else [])
+        parts += [f"+{module.fused_activation}"] if module.fused_activation else []
+        return f"{name}({', '.join(parts)})"
     if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and len(module.normalized_shape) != 1:
         return f"{name}({tuple(module.normalized_shape)})"
     return f"{name}({c})"

@@ -335,7 +335,19 @@ def norm_activates(module: nn.Module) -> bool:
     return bool(getattr(module, "activates", False))
 
 
-class FilterResponseNorm2d(nn.Module):
+class _FusedActivationNorm(nn.Module):
+    """A norm that may fuse the activation after it; ``ACTIVATION`` names it (``TLU``, ``sigmoid gate``)."""
+
+    ACTIVATION = ""
+    activates: bool
+
+    @property
+    def fused_activation(self) -> str | None:
+        """The activation the layer applies itself, or None (built with ``act=False``)."""
+        return self.ACTIVATION if self.activates else None
+
+
+class FilterResponseNorm2d(_FusedActivationNorm):
     """Filter Response Normalization with its Thresholded Linear Unit (Singh & Krishnan 2020, arXiv 1911.09737).
 
     Per sample and channel, with ``nu2 = mean(x^2)`` over the positions (H, W)::
@@ -351,6 +363,8 @@ class FilterResponseNorm2d(nn.Module):
     at least one position dimension.
     """
 
+    ACTIVATION = "TLU"
+
     def __init__(self, num_channels: int, eps: float = FRN_EPS, act: bool = True):
         super().__init__()
         if not eps > 0:
@@ -363,7 +377,7 @@ class FilterResponseNorm2d(nn.Module):
         self.tau = nn.Parameter(torch.zeros(num_channels)) if self.activates else None
 
     def extra_repr(self) -> str:
-        return f"{self.num_channels}, eps={self.eps:g}, act={'TLU' if self.activates else None}"
+        return f"{self.num_channels}, eps={self.eps:g}, act={self.fused_activation}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W)
         if x.dim() < 3:
@@ -375,7 +389,7 @@ class FilterResponseNorm2d(nn.Module):
         return torch.maximum(y, self.tau.view(shape)) if self.tau is not None else y
 
 
-class EvoNorm2dS0(nn.Module):
+class EvoNorm2dS0(_FusedActivationNorm):
     """EvoNorm-S0 (Liu et al. 2020, arXiv 2004.02967): a sigmoid-gated, group-normalized activation.
 
     With ``group_std(x) = sqrt(var(x) + eps)``, the population variance over each
@@ -392,6 +406,8 @@ class EvoNorm2dS0(nn.Module):
     Takes any (N, C, *).
     """
 
+    ACTIVATION = "sigmoid gate"
+
     def __init__(self, num_channels: int, groups: int, eps: float = 1e-5, act: bool = True):
         super().__init__()
         if num_channels % groups != 0:
@@ -407,7 +423,7 @@ class EvoNorm2dS0(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.num_channels}, groups={self.groups}, eps={self.eps:g}, "
-                f"act={'sigmoid gate' if self.activates else None}")
+                f"act={self.fused_activation}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W)
         shape = (1, -1) + (1,) * (x.dim() - 2)
@@ -643,12 +659,13 @@ def describe_norm_layers(model: nn.Module) -> list[str]:
     for module in model.modules():
         if id(module) in inner:
             continue
-        if isinstance(module, FilterResponseNorm2d):
-            key = f"FilterResponseNorm2d C={module.num_channels}{' +TLU' if module.activates else ''}"
-        elif isinstance(module, EvoNorm2dS0):
-            g, c = module.groups, module.num_channels
-            key = (f"EvoNorm2dS0 C={c}: {g} group{'s' if g != 1 else ''} x {c // g} ch"
-                   f"{' +sigmoid gate' if module.activates else ''}")
+        if isinstance(module, _FusedActivationNorm):
+            fused = f" +{module.fused_activation}" if module.fused_activation else ""
+            if isinstance(module, EvoNorm2dS0):
+                g, c = module.groups, module.num_channels
+                key = f"EvoNorm2dS0 C={c}: {g} group{'s' if g != 1 else ''} x {c // g} ch{fused}"
+            else:
+                key = f"{type(module).__name__} C={module.num_channels}{fused}"
         elif isinstance(module, RMSNorm2d):
             inner.add(id(module.norm))
             key = f"RMSNorm2d C={module.weight.numel()}, eps={module.eps:g}"
