@@ -46,6 +46,7 @@ from .norms import (
     norm_factory,
 )
 from .specs import Spec
+from .swap import find_layers, put_in, raise_failures
 
 # Tensors carried from the old layer to the new one, where both have them with the same shape.
 AFFINE = ("weight", "bias")
@@ -281,25 +282,6 @@ class ConvertReport:
         return self.format_table()
 
 
-def _slots(model: nn.Module, frozen: type | None) -> list[tuple[str, nn.Module, str, nn.Module, str]]:
-    """(path, parent, attribute, layer, layout) of every norm layer below ``model``, shared ones at every path."""
-    found = []
-
-    def visit(module: nn.Module, prefix: str) -> None:
-        for name, child in module._modules.items():
-            if child is None:
-                continue
-            path = f"{prefix}.{name}" if prefix else name
-            layout = _layout(child, frozen)
-            if layout is None:
-                visit(child, path)
-            else:
-                found.append((path, module, name, child, layout))
-
-    visit(model, "")
-    return found
-
-
 def convert_norms(model: nn.Module, spec: str | Spec, *, copy_affine: bool = True) -> tuple[nn.Module, ConvertReport]:
     """Replace every normalization layer of ``model`` by the layer the norm ``spec`` names, in place.
 
@@ -358,7 +340,7 @@ def convert_norms(model: nn.Module, spec: str | Spec, *, copy_affine: bool = Tru
         raise SpecError(f"convert_norms replaces the layers inside a model; this model is itself a "
                         f"{describe(model)}: wrap it first, e.g. nn.Sequential(layer)")
 
-    slots = _slots(model, frozen)
+    slots = find_layers(model, lambda module: _layout(module, frozen))  # (path, parent, name, layer, layout)
     plans: dict[int, tuple[str, nn.Module, nn.Module, tuple[str, ...]]] = {}  # id(old) -> (path, old, new, copied)
     skipped: dict[int, tuple[str, str]] = {}
     failures: list[str] = []
@@ -391,13 +373,8 @@ def convert_norms(model: nn.Module, spec: str | Spec, *, copy_affine: bool = Tru
         new.to(device=device, dtype=dtype).train(old.training)
         copied = _copy_state(old, new) if copy_affine else ()
         plans[id(old)] = (path, old, new, copied)
-    if failures:
-        more = f" ({len(failures) - 1} more layers fail as well)" if len(failures) > 1 else ""
-        raise SpecError(failures[0] + more)
-
-    for _, parent, name, old, _ in slots:
-        if id(old) in plans:
-            setattr(parent, name, plans[id(old)][2])
+    raise_failures(failures)
+    put_in(slots, {key: new for key, (_, _, new, _) in plans.items()})
     rows = tuple(ConvertRow(path, type(old).__name__, _channels(old), describe(old), describe(new), copied)
                  for path, old, new, copied in plans.values())
     return model, ConvertReport(text, rows, tuple(skipped.values()))

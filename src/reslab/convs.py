@@ -32,6 +32,7 @@ from torch.nn.utils import parametrize
 from .errors import SpecError
 from .registry import Registry
 from .specs import Converter, Spec, bind, parse_spec, positive_float, to_float
+from .swap import find_layers, put_in, raise_failures
 
 ConvFactory = Callable[..., nn.Conv2d]
 
@@ -285,38 +286,20 @@ def standardize_convs(model: nn.Module, spec: str | Spec) -> tuple[nn.Module, in
         raise SpecError(f"standardize_convs replaces the convolutions inside a model; this model is itself a "
                         f"{type(model).__name__}: wrap it first, e.g. nn.Sequential(conv)")
 
-    slots: list[tuple[nn.Module, str, nn.Conv2d]] = []  # (parent, attribute, conv), shared convs at every path
-    paths: dict[int, str] = {}                           # id(conv) -> its first path
-
-    def visit(module: nn.Module, prefix: str) -> None:
-        for name, child in module._modules.items():
-            path = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, nn.Conv2d):
-                slots.append((module, name, child))
-                paths.setdefault(id(child), path)
-            elif child is not None:
-                visit(child, path)
-
-    visit(model, "")
+    slots = find_layers(model, lambda module: True if isinstance(module, nn.Conv2d) else None)
     plans: dict[int, nn.Conv2d] = {}
     failures: list[str] = []
-    for _, _, old in slots:
+    for path, _, _, old, _ in slots:  # a shared conv's first path names it
         if id(old) in plans or choice.matches(old):
             continue
         reason = _refusal(old)
         if reason is not None:
-            failures.append(f"cannot standardize {paths[id(old)]} ({type(old).__name__}) with conv "
-                            f"{choice.text!r}: {reason}")
+            failures.append(f"cannot standardize {path} ({type(old).__name__}) with conv {choice.text!r}: {reason}")
             plans[id(old)] = old  # reported once
             continue
         plans[id(old)] = _replacement(old, choice)
-    if failures:
-        more = f" ({len(failures) - 1} more layers fail as well)" if len(failures) > 1 else ""
-        raise SpecError(failures[0] + more)
-
-    for parent, name, old in slots:
-        if id(old) in plans:
-            setattr(parent, name, plans[id(old)])
+    raise_failures(failures)
+    put_in(slots, plans)
     return model, len(plans)
 
 
