@@ -336,10 +336,21 @@ def norm_activates(module: nn.Module) -> bool:
 
 
 class _FusedActivationNorm(nn.Module):
-    """A norm that may fuse the activation after it; ``ACTIVATION`` names it (``TLU``, ``sigmoid gate``)."""
+    """A norm that may fuse the activation after it; ``ACTIVATION`` names it (``TLU``, ``sigmoid gate``).
+
+    Holds what FRN and EvoNorm-S0 share: the channel count, ``eps``, ``activates`` and the
+    per-channel affine ``weight`` (1) and ``bias`` (0); subclasses add their activation's parameter.
+    """
 
     ACTIVATION = ""
-    activates: bool
+
+    def __init__(self, num_channels: int, eps: float, act: bool):
+        super().__init__()
+        self.num_channels = num_channels
+        self.eps = float(eps)
+        self.activates = bool(act)
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
 
     @property
     def fused_activation(self) -> str | None:
@@ -366,14 +377,9 @@ class FilterResponseNorm2d(_FusedActivationNorm):
     ACTIVATION = "TLU"
 
     def __init__(self, num_channels: int, eps: float = FRN_EPS, act: bool = True):
-        super().__init__()
         if not eps > 0:
             raise SpecError(f"norm 'frn:eps={eps:g}': eps must be positive")
-        self.num_channels = num_channels
-        self.eps = float(eps)
-        self.activates = bool(act)
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
+        super().__init__(num_channels, eps, act)
         self.tau = nn.Parameter(torch.zeros(num_channels)) if self.activates else None
 
     def extra_repr(self) -> str:
@@ -409,16 +415,11 @@ class EvoNorm2dS0(_FusedActivationNorm):
     ACTIVATION = "sigmoid gate"
 
     def __init__(self, num_channels: int, groups: int, eps: float = 1e-5, act: bool = True):
-        super().__init__()
         if num_channels % groups != 0:
             raise SpecError(f"EvoNorm2dS0: {groups} groups do not divide {num_channels} channels "
                             f"(valid: {_divisors(num_channels)})")
-        self.num_channels = num_channels
+        super().__init__(num_channels, eps, act)
         self.groups = groups
-        self.eps = float(eps)
-        self.activates = bool(act)
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
         self.v = nn.Parameter(torch.ones(num_channels)) if self.activates else None
 
     def extra_repr(self) -> str:
