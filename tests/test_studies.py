@@ -105,7 +105,7 @@ def test_shipped_studies_are_valid_data_with_budgets(capsys):
     for name, study in studies.items():
         assert study.claim and study.budget_s and study.checks, name
         for check in study.checks:
-            parse_check(check, grid_fields=list(study.grid))
+            parse_check(check, grid_fields=study.fields)
         assert get_study(str(study.path)).to_dict() == study.to_dict()
     code, out, _ = cli(capsys, "list", "studies")
     assert code == 0 and "on 2 CPU cores" in out and "inits" in out
@@ -205,12 +205,14 @@ def test_narrowing_an_axis_the_checks_name_to_one_value_still_judges_the_study(c
     file = write_study(tmp_path / "mine.yaml", ['mean(norm="bn", batch_size=32) >= 0.5',
                                                 'mean(norm="gn", batch_size=16) >= 0.5'],
                        grid={"norm": ["bn", "gn"], "batch_size": [32, 16]})
-    code, stdout, err = cli(capsys, "study", file, "--batch-size", "32", "--seeds", "0", "--out", tmp_path / "one")
+    code, stdout, err = cli(capsys, "study", file, "--batch-size", "32", "--seeds", "0,1", "--out", tmp_path / "one")
     assert code == 0, err
     verdict = json.loads((tmp_path / "one" / "verdict.json").read_text())
     # the batch-32 check is judged from its runs; no run has batch 16, so that one cannot be decided
-    assert [e["result"] for e in verdict["evidence"]] == ["holds", "inconclusive"]
-    assert verdict["verdict"] == "inconclusive" and "verdict: inconclusive" in stdout
+    first, second = verdict["evidence"]
+    assert first["n"] == {"mean(norm='bn', batch_size=32)": 2} and first["interval"] is not None
+    assert second["result"] == "inconclusive" and "no run matches" in second["value"]
+    assert verdict["verdict"] != "supported" and f"verdict: {verdict['verdict']}" in stdout
 
 
 def test_normfree_study_runs_every_recipe_and_judges_all_its_checks(capsys, tmp_path):
@@ -222,5 +224,7 @@ def test_normfree_study_runs_every_recipe_and_judges_all_its_checks(capsys, tmp_
     verdict = json.loads((out / "verdict.json").read_text())
     assert len(verdict["evidence"]) == 5 and verdict["verdict"] in ("supported", "not supported", "inconclusive")
     cells = sorted(p.parent.name for p in out.glob("*/summary.json"))
-    assert cells == sorted(f"norm={norm}-init={init}-seed=0" for norm in ("bn", "none")
-                           for init in ("kaiming_normal_mode=fan_out", "fixup", "skipinit", "nf"))
+    # a union of two grids: BN with He init, and every recipe without a norm
+    assert cells == sorted(["norm=bn-init=kaiming_normal_mode=fan_out-seed=0",
+                            *(f"norm=none-init={init}-seed=0" for init in ("kaiming_normal_mode=fan_out", "fixup",
+                                                                           "skipinit", "nf"))])

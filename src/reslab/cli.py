@@ -247,7 +247,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 # --- sweep, study, report --------------------------------------------------------------
 
-SWEEP_ONLY = ("seeds", "jobs", "launcher", "launcher_option", "out", "restart")
+SWEEP_ONLY = ("seeds", "jobs", "launcher", "launcher_option", "out", "restart", "confidence")
 
 
 def _add_sweep_arguments(parser: argparse.ArgumentParser, *, study: bool = False) -> None:
@@ -255,7 +255,13 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser, *, study: bool = False
         parser.add_argument("name", help="a shipped study's name (see `reslab list studies`) or a study YAML file")
     add_config_flags(parser, as_lists=True)
     parser.add_argument("--seeds", default=argparse.SUPPRESS, metavar="S[,S...]",
-                        help="seeds to repeat every grid point with" + ("; default: the study's" if study else "; default 0"))
+                        help="seeds to repeat every grid point with, a comma list with ranges (0-9, 0,2,5-7)"
+                        + ("; default: the study's (finished runs of added seeds' siblings are reused)" if study
+                           else "; default 0"))
+    if study:
+        parser.add_argument("--confidence", type=float, default=argparse.SUPPRESS, metavar="C",
+                            help="confidence the claim's checks are judged at, between 0.5 and 1; "
+                                 "default: the study's (0.95 unless it says)")
     parser.add_argument("--out", default=argparse.SUPPRESS, metavar="DIR",
                         help="sweep directory: one run directory per grid point and seed"
                         + ("; default studies/NAME" if study else "; default sweeps/sweep"))
@@ -300,10 +306,18 @@ def _split_grid(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, lis
 
 
 def _seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in str(text).split(",")]
-    except ValueError:
-        raise UsageError(f"bad value {text!r} for --seeds: expected integers separated by commas, e.g. 0,1,2") from None
+    """``--seeds``: integers and ranges ``A-B`` (both ends included), separated by commas."""
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        low, dash, high = part.strip().partition("-")
+        try:
+            first, last = (int(low), int(high)) if dash and low else (int(part), int(part))
+        except ValueError:
+            raise UsageError(f"bad value {text!r} for --seeds: expected integers and ranges separated by commas, "
+                             "e.g. 0,1,2 or 0-9") from None
+        if last < first:
+            raise UsageError(f"bad range {part.strip()!r} in --seeds: it runs backwards; write {last}-{first}")
+        seeds.extend(range(first, last + 1))
     if len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds {text!r} repeats a seed")
     return seeds
@@ -347,13 +361,18 @@ def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _study_plan(args: argparse.Namespace):
+    from dataclasses import replace
+
     from .studies import get_study, plan_study
+    from .verdict import check_confidence
 
     if not getattr(args, "name", None):
         raise UsageError("study: name a shipped study (reslab list studies) or a study YAML file")
     study = get_study(args.name)
     base, grid = _split_grid(args)
     planned = plan_study(study, base, grid, _seeds(args.seeds) if hasattr(args, "seeds") else None)
+    if hasattr(args, "confidence"):
+        planned = replace(planned, confidence=check_confidence(args.confidence, "--confidence"))
     out = getattr(args, "out", None) or f"studies/{study.name}"
     jobs = args.jobs if hasattr(args, "jobs") else study.jobs
     return planned, out, jobs
@@ -362,7 +381,7 @@ def _study_plan(args: argparse.Namespace):
 def _resolve_study(args: argparse.Namespace) -> dict[str, Any]:
     planned, out, jobs = _study_plan(args)
     return {"study": planned.name, "claim": planned.claim, "base": planned.base, "grid": planned.grid,
-            "seeds": list(planned.seeds), "out": out, "jobs": jobs}
+            "seeds": list(planned.seeds), "confidence": planned.confidence, "out": out, "jobs": jobs}
 
 
 @command("study", "run a named, documented sweep and report that reproduces a claim", _add_study_arguments,
@@ -376,7 +395,10 @@ def run_study(args: argparse.Namespace) -> int:
         print(f"  {planned.notes}")
     result = study(planned, out=out, jobs=jobs, launcher=args.launcher,
                    launcher_options=parse_key_values(args.launcher_option, "launcher option"), restart=args.restart)
-    return _print_sweep_end(result.sweep, result.report)
+    code = _print_sweep_end(result.sweep, result.report)
+    budget = f" (its budget: {planned.budget_s:g} s on 2 CPU cores)" if planned.budget_s else ""
+    print(f"study {planned.name} took {result.seconds:.0f} s{budget}")
+    return code
 
 
 def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
@@ -393,6 +415,32 @@ def run_report(args: argparse.Namespace) -> int:
     result = report(args.directory, group_by=group_by)
     print(result.format_table())
     print()
+    _print_verdict(result)
+    print("report: " + ", ".join(str(p) for p in result.files))
+    return EXIT_OK
+
+
+def _add_verdict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", help="a study directory (its study.yaml and runs), as reslab study wrote it")
+    parser.add_argument("--confidence", type=float, default=None, metavar="C",
+                        help="judge the checks at this confidence (between 0.5 and 1); default: the study's")
+
+
+@command("verdict", "judge a finished study's claim again from its runs, without training", _add_verdict_arguments)
+def run_verdict(args: argparse.Namespace) -> int:
+    from .reporting import report
+    from .studies import STUDY_FILE, read_study
+    from .verdict import check_confidence
+
+    directory = Path(args.directory)
+    if not directory.is_dir():
+        raise UsageError(f"verdict: {args.directory!r} is not a directory")
+    if args.confidence is not None:
+        check_confidence(args.confidence, "--confidence")
+    if read_study(directory) is None:
+        raise UsageError(f"verdict: {args.directory!r} holds no {STUDY_FILE}: it is not a study directory "
+                         "(reslab study NAME --out DIR makes one; reslab report DIR summarises a plain sweep)")
+    result = report(directory, confidence=args.confidence)
     _print_verdict(result)
     print("report: " + ", ".join(str(p) for p in result.files))
     return EXIT_OK

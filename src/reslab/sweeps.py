@@ -35,7 +35,7 @@ import re
 import shutil
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,38 +91,48 @@ def run_id(point: Mapping[str, Any], seed: int) -> str:
     return "-".join([*parts, f"seed={seed}"])
 
 
-def expand(
-    base: Mapping[str, Any], grid: Mapping[str, Sequence[Any]], seeds: Sequence[int], out: str | Path
-) -> list[Run]:
-    """Every combination of the grid's values (in the order given) times every seed, all checked."""
+GridSpec = Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Sequence[Any]]]
+
+
+def grid_list(grid: GridSpec) -> list[Mapping[str, Sequence[Any]]]:
+    """A grid as a list of cross products: a mapping is one, a list of mappings their union."""
+    return [grid] if isinstance(grid, Mapping) else list(grid)
+
+
+def expand(base: Mapping[str, Any], grid: GridSpec, seeds: Sequence[int], out: str | Path) -> list[Run]:
+    """Every combination of the grid's values (in the order given) times every seed, all checked.
+
+    ``grid`` is a mapping of axes, or a list of them: the union of their points, each once.
+    """
     runs = _grid_runs(base, grid, seeds, out)
     preflight([run.config for run in runs])
     return runs
 
 
-def _grid_runs(
-    base: Mapping[str, Any], grid: Mapping[str, Sequence[Any]], seeds: Sequence[int], out: str | Path
-) -> list[Run]:
+def _grid_runs(base: Mapping[str, Any], grid: GridSpec, seeds: Sequence[int], out: str | Path) -> list[Run]:
     """:func:`expand` without the preflight: every value typed and its specs checked, no data loaded."""
     out = Path(out)
     if not seeds:
         raise SpecError("--seeds needs at least one seed")
-    names = list(grid)
-    for name in names:
-        if not grid[name]:
-            raise SpecError(f"--{name.replace('_', '-')} has an empty list of values")
     base_config = config_from_dict(dict(base))
     runs: list[Run] = []
     seen: dict[str, Mapping[str, Any]] = {}
-    for values in itertools.product(*(grid[n] for n in names)):
-        point = dict(zip(names, values))
-        for seed in seeds:
-            rid = run_id(point, seed)
-            if rid in seen:  # two values that slug alike: keep both, apart
-                rid += "-" + hashlib.sha1(repr(sorted(point.items())).encode()).hexdigest()[:6]
-            seen[rid] = point
-            cfg = config_from_dict({**point, "seed": seed, "out": str(out / rid)}, base_config)
-            runs.append(Run(rid, cfg))
+    for one in grid_list(grid):
+        names = list(one)
+        for name in names:
+            if not one[name]:
+                raise SpecError(f"--{name.replace('_', '-')} has an empty list of values")
+        for values in itertools.product(*(one[n] for n in names)):
+            point = dict(zip(names, values))
+            for seed in seeds:
+                rid = run_id(point, seed)
+                if rid in seen and seen[rid] == point:  # the same point from two parts of a union: once
+                    continue
+                if rid in seen:  # two values that slug alike: keep both, apart
+                    rid += "-" + hashlib.sha1(repr(sorted(point.items())).encode()).hexdigest()[:6]
+                seen[rid] = point
+                cfg = config_from_dict({**point, "seed": seed, "out": str(out / rid)}, base_config)
+                runs.append(Run(rid, cfg))
     for run in runs:  # a bad spec anywhere is reported before any dataset is loaded (or downloaded)
         check_config(run.config)
     return runs
@@ -393,7 +403,7 @@ def _sweep_bar(total: int) -> Iterator[Callable[[], None]]:
 
 def sweep(
     base: Mapping[str, Any],
-    grid: Mapping[str, Sequence[Any]],
+    grid: GridSpec,
     *,
     seeds: Sequence[int] = (0,),
     out: str | Path = "sweeps/sweep",
@@ -444,7 +454,8 @@ def sweep(
     log.info("sweep %s: %d runs, %d finished already, %d to run%s", out, len(runs), len(result.skipped), len(todo),
              f" ({len(result.restarted)} restarted)" if result.restarted else "")
     out.mkdir(parents=True, exist_ok=True)
-    plan = {"base": dict(base), "grid": {k: list(v) for k, v in grid.items()}, "seeds": list(seeds),
+    grids = [{k: list(v) for k, v in one.items()} for one in grid_list(grid)]
+    plan = {"base": dict(base), "grid": grids[0] if isinstance(grid, Mapping) else grids, "seeds": list(seeds),
             "runs": [run.run_id for run in runs]}
     write_sweep_plan(out, plan)
     by_out = {run.config.out: run.run_id for run in runs}
@@ -470,6 +481,9 @@ def sweep(
     return result
 
 
+MEASUREMENTS_FILE = "measurements.json"
+
+
 @dataclass
 class StudyResult:
     """What :func:`study` ran and judged: the study as planned, its sweep and its report."""
@@ -477,6 +491,7 @@ class StudyResult:
     study: Any  # reslab.studies.Study, with the overrides it ran with
     sweep: SweepResult
     report: Any  # reslab.reporting.Report; its ``verdict`` is the study's
+    seconds: float = 0.0  # wall time of the whole study: sweep, measurements and report
 
     @property
     def verdict(self) -> Any:
@@ -491,6 +506,7 @@ def study(
     base: Mapping[str, Any] | None = None,
     grid: Mapping[str, Sequence[Any]] | None = None,
     seeds: Sequence[int] | None = None,
+    confidence: float | None = None,
     jobs: int | None = None,
     launcher: str = "local",
     launcher_options: Mapping[str, Any] | None = None,
@@ -500,20 +516,40 @@ def study(
 
     ``name``: a shipped study (``reslab list studies``), a study YAML file, or a
     :class:`reslab.studies.Study` already loaded.  ``base`` / ``grid`` / ``seeds`` override the study's (see
-    :func:`reslab.studies.plan_study`); ``jobs`` defaults to the study's own;
+    :func:`reslab.studies.plan_study`), ``confidence`` its confidence; ``jobs`` defaults to the study's own;
     ``out`` to ``studies/NAME``.  Writes the runs, ``study.yaml`` (the study as it
-    ran), the report and ``verdict.json`` into ``out``; returns a
-    :class:`StudyResult` whose ``verdict`` says whether the claim held.
+    ran), its measurements, the report and ``verdict.json`` into ``out``; returns a
+    :class:`StudyResult` whose ``verdict`` says whether the claim held.  Seeds added
+    to a finished study reuse the runs it already has.
     """
+    import time
+
     from .reporting import report
     from .studies import Study, get_study, plan_study, write_study
+    from .verdict import check_confidence
 
+    started = time.perf_counter()
     found = name if isinstance(name, Study) else get_study(str(name))
     planned = plan_study(found, base, grid, seeds)
+    if confidence is not None:
+        planned = replace(planned, confidence=check_confidence(confidence, "--confidence"))
     result = sweep(planned.base, planned.grid, seeds=planned.seeds, out=out or f"studies/{found.name}",
                    jobs=found.jobs if jobs is None else jobs, launcher=launcher,
                    launcher_options=launcher_options, write_report=False, restart=restart)
     # The study as it ran goes beside its runs: the report, now and whenever `reslab report`
     # reads the directory again, judges the claim from them.
     write_study(planned, result.out)
-    return StudyResult(study=planned, sweep=result, report=report(result.out))
+    if planned.measure:
+        _measure(planned, result)
+    judged = report(result.out)
+    return StudyResult(study=planned, sweep=result, report=judged, seconds=time.perf_counter() - started)
+
+
+def _measure(planned: Any, result: SweepResult) -> None:
+    """The study's measurements of its finished runs, into ``measurements.json`` for the report."""
+    from .measure import run_measurements
+    from .rundir import read_config_mapping
+
+    runs = [(Path(run.config.out), read_config_mapping(Path(run.config.out)), result.statuses.get(run.run_id))
+            for run in result.runs]
+    atomic_write_json(result.out / MEASUREMENTS_FILE, run_measurements(result.out, planned.measure, runs))
