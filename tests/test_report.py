@@ -178,10 +178,12 @@ def test_markdown_table_and_eval_split(init_sweep, tmp_path):
 
 
 def _headers(result, root):
-    """The column headers of the terminal table, report.md and report.html."""
+    """The column headers of the summary table in the terminal, report.md and report.html
+    (the summary, not a measurements table that may come first)."""
     table = result.format_table().splitlines()[0].split("  ")
-    md = next(line for line in (root / "report.md").read_text().splitlines() if line.startswith("| "))
-    page = (root / "report.html").read_text()
+    md = next(line for line in (root / "report.md").read_text().splitlines()
+              if line.startswith("| ") and "| n | completed |" in line)
+    page = (root / "report.html").read_text().split('<table id="summary">')[1]
     return ([c.strip() for c in table if c.strip()], [c.strip() for c in md.strip("|").split("|")],
             re.findall(r'<th scope="col">(.*?)</th>', page.split("<thead>")[1].split("</thead>")[0]))
 
@@ -290,7 +292,8 @@ def test_html_renders_in_headless_chromium(init_sweep, tmp_path):
 
     dom = _run_chromium(binary, tmp_path, "--dump-dom", url).stdout
     assert "<table" in dom
-    body_rows = re.findall(r"<tr>(.*?)</tr>", dom.split("<tbody>")[1].split("</tbody>")[0], re.DOTALL)
+    summary = dom.split('<table id="summary">')[1]
+    body_rows = re.findall(r"<tr>(.*?)</tr>", summary.split("<tbody>")[1].split("</tbody>")[0], re.DOTALL)
     cells = [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in body_rows]
     assert [c[0] for c in cells] == ["kaiming_normal", "zeros"] and cells[1][4] == "43.00 ± 4.24"
     images = re.findall(r"<img [^>]*>", dom)
@@ -414,3 +417,147 @@ def test_cli_logging_configures_only_the_reslab_logger(init_sweep):
     assert err.count("1 of 7 runs have not finished") == 3
     assert err.count("reslab debug") == 1  # -v only
     assert "1 of 7 runs have not finished (no summary.json) and are left out\n" in err  # "%(message)s" only
+
+
+MEASUREMENTS = [
+    {"title": "Step time", "text": "Milliseconds a training step takes, batch 128, on 2 CPU cores.",
+     "headers": ["norm", "ms / step", "peak | MiB"], "rows": [["bn", 12.34567, 100], ["gn <b>", 15.0, None]]},
+    {"title": "A note", "text": "Only words here.", "headers": [], "rows": []},
+]
+
+
+def test_measurements_json_becomes_its_own_section(init_sweep):
+    (init_sweep / "measurements.json").write_text(json.dumps(MEASUREMENTS))
+    result = report(init_sweep)
+    assert [m["title"] for m in result.measurements] == ["Step time", "A note"]
+    md = (init_sweep / "report.md").read_text()
+    lines = md.splitlines()
+    assert md.index("## Measurements") < md.index("### Step time") < md.index("## Setup") < md.index("| init")
+    assert "Milliseconds a training step takes, batch 128, on 2 CPU cores." in lines
+    # format_table's conventions: 4 significant figures, None as '-', numeric columns right-aligned
+    assert lines[lines.index("| norm | ms / step | peak \\| MiB |") + 1:][:3] == [
+        "| --- | ---: | ---: |", "| bn | 12.35 | 100 |", "| gn <b> | 15 | - |"]
+    assert "### A note" in lines and "Only words here." in lines
+
+    page = (init_sweep / "report.html").read_text()
+    section = page.split('<section id="measurements">')[1].split("</section>")[0]
+    assert "<h2>Measurements</h2>" in section and "<h3>Step time</h3>" in section
+    assert "<th>peak | MiB</th>" in section and "<td>gn &lt;b&gt;</td>" in section  # escaped, not markup
+    assert "<td class=num>12.35</td>" in section and "<td class=num>-</td>" in section
+    assert page.index('<section id="measurements">') < page.index('<section id="setup">')
+    # the summary table keeps its own headers
+    table, md_header, html_header = _headers(result, init_sweep)
+    assert html_header == md_header == ["init", "n", "completed", "diverged", "test acc (%)", "final train loss",
+                                        "wall time (s)"]
+
+
+@pytest.mark.parametrize("content", [
+    b"{not json",
+    b"\xff\xfe\x00",  # not text
+    json.dumps({"title": "x"}).encode(),  # not a list
+    json.dumps([{"title": "t", "text": "x", "headers": ["a", "b"], "rows": [[1]]}]).encode(),  # a short row
+    json.dumps([{"title": "t", "text": "x", "headers": ["a"], "rows": [[{"v": 1}]]}]).encode(),  # a mapping cell
+    json.dumps([{"text": "x", "headers": [], "rows": []}]).encode(),  # no title
+])
+def test_a_malformed_measurements_json_is_a_warning_and_left_out(init_sweep, caplog, content):
+    (init_sweep / "measurements.json").write_bytes(content)
+    with caplog.at_level(logging.WARNING, logger="reslab.reporting"):
+        result = report(init_sweep)
+    assert "measurements.json left out of the report" in caplog.text
+    assert result.measurements == []
+    assert "Measurements" not in (init_sweep / "report.md").read_text()
+    assert 'id="measurements"' not in (init_sweep / "report.html").read_text()
+    assert (init_sweep / "report.csv").is_file()
+
+
+def _texts(fig):
+    """Every piece of text the figure draws."""
+    ax = fig.axes[0]
+    texts = [*ax.get_xticklabels(), *ax.get_yticklabels(), ax.title, ax.xaxis.label, ax.yaxis.label, *ax.texts,
+             *fig.texts]
+    return [t for t in texts if t.get_visible() and t.get_text()]
+
+
+def _inside(inner, outer, tol=0.5):
+    return (inner.x0 >= outer.x0 - tol and inner.x1 <= outer.x1 + tol and inner.y0 >= outer.y0 - tol
+            and inner.y1 <= outer.y1 + tol)
+
+
+def _check_bar_chart(fig, low=0.0, high=100.0):
+    from matplotlib.container import ErrorbarContainer
+
+    ax = fig.axes[0]
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert bars
+    for container in bars:
+        _, caps, columns = container.lines
+        segments = [seg for col in columns for seg in col.get_segments()]
+        assert segments
+        for seg in segments:
+            assert all(low <= y <= high for y in np.asarray(seg)[:, 1]), seg
+        for cap in caps:
+            assert all(low <= y <= high for y in cap.get_ydata()), cap.get_ydata()
+    for patch in ax.patches:  # the bars themselves
+        assert low <= patch.get_y() and patch.get_y() + patch.get_height() <= high
+    renderer = fig.canvas.get_renderer()
+    axes_box = ax.get_window_extent(renderer)
+    for t in _texts(fig):
+        assert _inside(t.get_window_extent(renderer), fig.bbox), t.get_text()
+    for t in ax.texts:  # value labels and notes: inside the axes, none above its top
+        assert _inside(t.get_window_extent(renderer), axes_box), t.get_text()
+
+
+def test_accuracy_bars_keep_error_bars_and_labels_inside(tmp_path):
+    from reslab.plots import draw_mean_bars, save_figure
+
+    fig = draw_mean_bars(["kaiming_normal", "zeros", "ones"], [99.5, 1.0, None], [3.0, 5.0, None],
+                         title="Final test accuracy (mean ± std over completed runs)", xlabel="init",
+                         ylabel="test accuracy (%)", notes=["1 diverged, 2 failed", "", "3 failed"],
+                         ylim=(0.0, 100.0))
+    _check_bar_chart(fig)
+    ax = fig.axes[0]
+    assert max(ax.get_yticks()) == 100  # headroom for the labels, no tick above 100%
+    assert "99.5\n±3.0" in ax.texts[0].get_text()  # the label keeps the real spread; only the drawing is clipped
+    save_figure(fig, tmp_path / "bars.png")  # the layout at save time is the one checked
+    _check_bar_chart(fig)
+
+
+def _corners(t, renderer):
+    """The four display corners of a (possibly turned) text: its level box turned about its anchor."""
+    angle = t.get_rotation()
+    t.set_rotation(0)
+    box = t.get_window_extent(renderer)
+    t.set_rotation(angle)
+    ax0, ay0 = t.get_transform().transform(t.get_position())
+    c, s = np.cos(np.radians(angle)), np.sin(np.radians(angle))
+    points = np.array([[box.x0, box.y0], [box.x1, box.y0], [box.x1, box.y1], [box.x0, box.y1]]) - [ax0, ay0]
+    return points @ np.array([[c, s], [-s, c]]) + [ax0, ay0]
+
+
+def _overlap(p, q):
+    """Whether two convex quadrilaterals overlap (separating axis test)."""
+    for poly in (p, q):
+        for i in range(4):
+            edge = poly[(i + 1) % 4] - poly[i]
+            normal = np.array([-edge[1], edge[0]])
+            a, b = p @ normal, q @ normal
+            if a.max() <= b.min() + 1e-6 or b.max() <= a.min() + 1e-6:
+                return False
+    return True
+
+
+@pytest.mark.parametrize("n", [3, 12])
+def test_long_group_names_turn_or_wrap_without_overlapping(tmp_path, n):
+    from reslab.plots import draw_mean_bars
+
+    labels = [f"kaiming_normal:mode=fan_out, {2 ** i}, gn:cpg=16" for i in range(n)]
+    fig = draw_mean_bars(labels, [50.0] * n, [2.0] * n, title="t", xlabel="init, batch_size, norm", ylabel="acc",
+                         notes=["1 diverged"] * n, ylim=(0.0, 100.0))
+    _check_bar_chart(fig)
+    renderer = fig.canvas.get_renderer()
+    ticks = fig.axes[0].get_xticklabels()
+    assert all(t.get_rotation_mode() == "anchor" or t.get_rotation() == 0 for t in ticks)
+    quads = [_corners(t, renderer) for t in ticks]
+    for a, b in zip(quads, quads[1:]):
+        assert not _overlap(a, b)
+    assert fig.get_size_inches()[1] * fig.dpi <= 1200

@@ -137,51 +137,209 @@ def plot_mean_curves(series: list[dict], path: str | Path, *, title: str, xlabel
     return save_figure(fig, path)
 
 
+BAR_LABEL_CHARS = 24  # a long group label wraps after this many characters a line (at its ", " separators)
+_LABEL_PAD_PT = 3.0  # gap between a bar's error bar and its value label
+
+
 def plot_mean_bars(labels: list[str], means: list[float | None], stds: list[float | None], path: str | Path, *,
                    title: str, xlabel: str, ylabel: str, notes: list[str] | None = None,
                    ylim: tuple[float, float] | None = None) -> Path:
-    """One bar per group (mean) with ±std error bars, the value written above each bar.
+    """One bar per group (mean) with ±std error bars, the value written above each bar, saved as a PNG.
+
+    See :func:`draw_mean_bars`, which draws it.
+    """
+    fig = draw_mean_bars(labels, means, stds, title=title, xlabel=xlabel, ylabel=ylabel, notes=notes, ylim=ylim)
+    return save_figure(fig, path)
+
+
+def draw_mean_bars(labels: list[str], means: list[float | None], stds: list[float | None], *, title: str,
+                   xlabel: str, ylabel: str, notes: list[str] | None = None,
+                   ylim: tuple[float, float] | None = None) -> Figure:
+    """The figure :func:`plot_mean_bars` saves, laid out, for a caller (or a test) to inspect before saving.
 
     A group without a mean (no completed run) gets no bar, only its note.  ``notes``
     (one per group, may be empty) go under the value, e.g. "1 diverged".
+
+    ``ylim`` is the range the values can take (0-100 for an accuracy in %): bars and
+    error bars are clipped to it - an accuracy of 99.5 ± 3 cannot reach 102.5, so its
+    bar stops at 100 while its label still says ± 3 - and the y ticks stay within it.
+    Everything written stays readable: the axes get just the headroom above the
+    range that the value labels need to sit inside them, a label that would run
+    off the left or right edge is moved in, and long group names wrap at their
+    ", " separators and turn only as far as keeps neighbours apart.
     """
     n = len(labels)
-    notes = notes or [""] * n
-    longest = max((len(line) for label in labels for line in label.splitlines()), default=0)
+    notes = list(notes) if notes else [""] * n
     width = min(20.0, max(6.0, 0.75 * n + 2.5))
-    # Rotate the tick labels when the longest would not fit its bar's slot (~0.085 in per 10 pt character).
-    rotate = longest * 0.085 > 0.9 * (width - 1.5) / max(n, 1)
-    fig = new_figure((width, 4.8 + (0.06 * longest if rotate else 0)))
+    fig = new_figure((width, 4.8))
     ax = fig.subplots()
     x = list(range(n))
+    heights, below, above = [], [], []
+    for m, s in zip(means, stds):
+        h = 0.0 if m is None else float(m)
+        e = 0.0 if m is None or s is None or not math.isfinite(s) else abs(float(s))
+        lo_err = hi_err = e
+        if ylim:  # asymmetric where the range cuts the bar: never below ylim[0], never above ylim[1]
+            h = min(max(h, ylim[0]), ylim[1])
+            lo_err, hi_err = max(0.0, min(e, h - ylim[0])), max(0.0, min(e, ylim[1] - h))
+        heights.append(h)
+        below.append(lo_err)
+        above.append(hi_err)
     colors = [series_style(i)["color"] for i in range(n)]
-    heights = [m if m is not None else 0.0 for m in means]
-    errors = [s if s is not None else 0.0 for s in stds]
-    ax.bar(x, heights, yerr=errors, color=colors, alpha=0.85, capsize=4,
+    ax.bar(x, heights, yerr=[below, above], color=colors, alpha=0.85, capsize=4,
            error_kw={"elinewidth": 1.2, "ecolor": "0.15"})
-    top = ylim[1] if ylim else max([h + e for h, e in zip(heights, errors)] + [1.0])
-    small = n > 10
-    for i, (m, s, note) in enumerate(zip(means, stds, notes)):
-        if m is None:
-            text, y = note or "no completed run", 0.0
-        else:
-            text = f"{m:.1f}" if s is None else f"{m:.1f}\n±{s:.1f}"
-            text += f"\n{note}" if note else ""
-            y = m + (s or 0.0)
-        ax.text(i, y + 0.01 * top, text, ha="center", va="bottom", fontsize=7 if small else 8.5,
-                color="tab:red" if m is None else "0.1")
-    ax.set_xticks(x, labels, rotation=30 if rotate else 0, ha="right" if rotate else "center",
-                  rotation_mode="anchor" if rotate else "default")
-    if ylim:  # headroom above the top for the value labels; ticks stay within ylim
-        ax.set_ylim(ylim[0], ylim[1] + 0.16 * (ylim[1] - ylim[0]))
-        ax.set_yticks([t for t in ax.get_yticks() if ylim[0] <= t <= ylim[1]])
     ax.set_xlim(-0.6, n - 0.4)
+    if ylim:
+        ax.set_ylim(*ylim)
+    low, high = ax.get_ylim()
+    ax.set_yticks([t for t in ax.get_yticks() if low <= t <= high])  # fixed before the headroom is added
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, axis="y", alpha=0.3)
     ax.set_axisbelow(True)
-    return save_figure(fig, path)
+
+    small = n > 10
+    texts = []
+    for i, (m, s, note) in enumerate(zip(means, stds, notes)):
+        note = note.replace(", ", "\n")  # one count a line keeps the label as narrow as its bar
+        if m is None:
+            text, y = note or "no completed run", low
+        else:
+            text = f"{m:.1f}" if s is None else f"{m:.1f}\n±{s:.1f}"
+            text += f"\n{note}" if note else ""
+            y = heights[i] + above[i]
+        texts.append(ax.annotate(text, (i, y), xytext=(0.0, _LABEL_PAD_PT), textcoords="offset points",
+                                 ha="center", va="bottom", fontsize=7 if small else 8.5,
+                                 color="tab:red" if m is None else "0.1"))
+    _group_ticks(fig, ax, labels)
+    _fit_title(fig, ax)
+    _keep_inside(fig, ax, texts, low, high)
+    fig.draw_without_rendering()  # places what only a draw places (the axis labels), for inspection before saving
+    return fig
+
+
+def _wrap_label(label: str, chars: int) -> str:
+    """``label`` broken into lines of at most ``chars``, at its ", " separators so no value is cut.
+
+    A value far longer than a line (over 1.5 lines, e.g. ``kaiming_normal:mode=fan_out,nonlinearity=relu``)
+    is cut after its own ``:`` / ``,`` / ``=`` separators, and one without any into line-long pieces:
+    an unbroken name would force its turned label past the edge of the figure.
+    """
+    import re
+
+    lines = []
+    for line in label.splitlines() or [""]:
+        pieces: list[tuple[str, str]] = []  # (what joins it to the piece before, the piece)
+        for k, part in enumerate(line.split(", ")):
+            subs = [part]
+            if len(part) > 1.5 * chars:
+                subs = [x for x in re.split(r"(?<=[:,=])", part) if x]
+                subs = [x[i:i + chars] for x in subs for i in range(0, len(x), chars)] or [""]
+            pieces += [(", " if k and i == 0 else "", sub) for i, sub in enumerate(subs)]
+        current = pieces[0][1]
+        for joiner, piece in pieces[1:]:
+            if len(current) + len(joiner) + len(piece) <= chars:
+                current += joiner + piece
+            else:
+                lines.append(current + joiner.rstrip())
+                current = piece
+        lines.append(current)
+    return "\n".join(lines)
+
+
+def _group_ticks(fig: Figure, ax, labels: list[str]) -> None:
+    """Group names under their bars, none overlapping a neighbour or leaving the figure.
+
+    Names that fit their bar's slot (wrapped at most to three lines) stay level.  Longer
+    ones wrap at BAR_LABEL_CHARS and turn by the smallest angle of 30, 45, 60 and 90
+    degrees at which neighbours clear each other: parallel labels a slot apart are
+    ``slot * sin(angle)`` apart across their lines, which must exceed their height.
+    The figure grows by the height turned labels take, so the axes keep theirs.
+    """
+    n = len(labels)
+    if not n:
+        ax.set_xticks([])
+        return
+    fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+    slot = ax.get_window_extent(renderer).width / (n + 0.2)  # pixels per bar (xlim spans n + 0.2)
+    # ~0.085 in per character of 10 pt text
+    chars = max(6, int(0.9 * slot / fig.dpi / 0.085))
+    level = [_wrap_label(label, chars) for label in labels]
+    ax.set_xticks(range(n), level)
+    boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels()]
+    if all(b.width <= 0.92 * slot for b in boxes) and max(t.count("\n") for t in level) < 3:
+        return
+    wrapped = [_wrap_label(label, BAR_LABEL_CHARS) for label in labels]
+    ax.set_xticks(range(n), wrapped)
+    ticks = ax.get_xticklabels()
+    boxes = [t.get_window_extent(renderer) for t in ticks]  # unturned: width = length, height = thickness
+    thick = max(b.height for b in boxes)
+    angle = next((a for a in (30, 45, 60) if slot * math.sin(math.radians(a)) >= 1.1 * thick), 90)
+    size = ticks[0].get_fontsize()
+    scale = 1.0
+    if angle == 90 and slot < 1.1 * thick:  # too many lines even upright: smaller type
+        scale = max(5.0, size * slot / (1.1 * thick)) / size
+    for t in ticks:
+        t.set_fontsize(size * scale)
+        t.set_rotation(angle)
+        t.set_rotation_mode("anchor")
+        t.set_horizontalalignment("right")
+        t.set_verticalalignment("center" if angle == 90 else "top")
+    rad = math.radians(angle)
+    drop = max(b.width * math.sin(rad) + b.height * math.cos(rad) for b in boxes) * scale - thick
+    w, h = fig.get_size_inches()
+    fig.set_size_inches(w, h + max(0.0, drop) / fig.dpi)
+
+
+def _fit_title(fig: Figure, ax) -> None:
+    """Wrap a title wider than the figure onto more lines, so no part of it is cut off."""
+    import textwrap
+
+    renderer = fig.canvas.get_renderer()
+    title = ax.title
+    box = title.get_window_extent(renderer)
+    room = 0.96 * fig.bbox.width
+    if box.width > room and title.get_text():
+        text = title.get_text()
+        chars = max(20, int(len(text) * room / box.width))
+        title.set_text(textwrap.fill(text, chars))
+
+
+def _keep_inside(fig: Figure, ax, texts: list, low: float, high: float) -> None:
+    """Raise the top of the y axis above ``high`` just enough that every value label sits
+    inside the axes, then move any label that runs past the left or right edge back in.
+
+    A label at data height y reaching ``r`` pixels above its anchor fits axes ``H``
+    pixels tall when ``(y - low) / (top - low) * H + r <= H``, that is when
+    ``top >= low + (y - low) * H / (H - r)``; the layout is redone after each raise
+    (the axes' height moves with it), which settles in a few rounds.
+    """
+    top = high
+    for _ in range(6):
+        ax.set_ylim(low, top)
+        fig.tight_layout()
+        renderer = fig.canvas.get_renderer()
+        box = ax.get_window_extent(renderer)
+        needed = top
+        for t in texts:
+            y = t.xy[1]
+            anchor = box.y0 + (y - low) / (top - low) * box.height
+            reach = t.get_window_extent(renderer).y1 - anchor
+            room = box.height * 0.98 - reach
+            if room > 0:
+                needed = max(needed, low + (y - low) * box.height / room)
+        if needed <= top + 1e-9 * max(1.0, abs(top)):
+            break
+        top = needed
+    renderer = fig.canvas.get_renderer()
+    box = ax.get_window_extent(renderer)
+    for t in texts:
+        extent = t.get_window_extent(renderer)
+        shift = max(0.0, box.x0 + 2 - extent.x0) - max(0.0, extent.x1 - (box.x1 - 2))
+        if shift:
+            t.xyann = (shift * 72.0 / fig.dpi, _LABEL_PAD_PT)
 
 
 # --- signal propagation -------------------------------------------------------------

@@ -21,6 +21,16 @@ Written into DIR (each file atomically: whole or absent):
 - ``train_loss.png`` train-loss curves per group (mean ± std over runs per epoch)
 - ``eval_acc.png``   final eval accuracy per group, bars with ±std error bars
 - ``report.html``    one self-contained page: table and plots (inline base64 PNGs)
+
+A study directory (one holding the ``study.yaml`` it was run for) is named by its
+study in the heading, and gets the study's verdict.  A study that quotes the
+numbers its claim comes from (``reference``: the paper, its dataset, a value or
+range per group) gets them beside the measured ones, in a "source %" column, with
+a sentence saying where they come from - and whether on a different dataset, since
+a number measured on ImageNet or CIFAR and one measured on a small offline subset
+are comparable in trend only.  Measurements taken outside the runs (a timing, a
+memory figure) placed in DIR as ``measurements.json`` are shown as their own
+section, so one page carries the whole result.
 """
 
 from __future__ import annotations
@@ -34,8 +44,8 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +68,8 @@ from .rundir import (
     read_sweep_plan,
 )
 from .studies import VERDICT_FILE, Study, read_study
-from .tables import format_table
-from .verdict import RunResult, Verdict
+from .tables import format_table, format_value
+from .verdict import RunResult, Verdict, matches_value
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +82,8 @@ CSV_FILE, MD_FILE, HTML_FILE = "report.csv", "report.md", "report.html"
 LOSS_PLOT, ACC_PLOT = "train_loss.png", "eval_acc.png"
 STAT_COLUMNS = ("n", "completed", "diverged", "eval_acc_mean", "eval_acc_std", "best_eval_acc_mean",
                 "train_loss_mean", "train_loss_std", "wall_time_s_mean")
+REFERENCE_COLUMN = "reference"  # CSV column (and group row key) of a study's source number; only with one
+MEASUREMENTS_FILE = "measurements.json"
 
 
 @dataclass
@@ -100,6 +112,11 @@ class Report:
     runs: list[Run] = field(default_factory=list, repr=False)
     verdict: Verdict | None = None  # a study directory's claim, judged from these runs
     setup: dict[str, Any] = field(default_factory=dict)  # what was held fixed, and the command that reruns it
+    study: str | None = None  # the study's name when the directory is a study directory
+    # the study's source numbers: {"source", "dataset", "metric", "groups": [{"where", "value"}]}; each group
+    # row then holds REFERENCE_COLUMN: its value (a fraction, or (lo, hi)), or None where no entry matches it
+    reference: dict[str, Any] | None = None
+    measurements: list[dict[str, Any]] = field(default_factory=list)  # measurements.json (read_measurements)
 
     @property
     def shows_best(self) -> bool:
@@ -107,27 +124,31 @@ class Report:
         return _shows_best(self.eval_split)
 
     def format_table(self) -> str:
-        """The table for the terminal: accuracies in %, mean ± std."""
+        """The table for the terminal: accuracies in %, mean ± std; the study's source numbers beside them."""
         split = _split_word(self.eval_split)
         best = self.shows_best
+        source = [_source_header(self.reference)] if self.reference is not None else []
         headers = [*self.fields, "n", "completed", "diverged", f"{split} acc %",
-                   *([f"best {split} acc %"] if best else []), "train loss", "wall s"]
+                   *([f"best {split} acc %"] if best else []), *source, "train loss", "wall s"]
         acc = _rjust([_pm(g["eval_acc_mean"], g["eval_acc_std"], 100, 2) for g in self.groups])
         loss = _rjust([_pm(g["train_loss_mean"], g["train_loss_std"], 1, 4) for g in self.groups])
+        refs = _rjust([_source_cell(self.reference, g.get(REFERENCE_COLUMN)) for g in self.groups])
         rows = [
             [*(_label(g[f]) for f in self.fields), g["n"], g["completed"], g["diverged"], a,
-             *([_pct(g["best_eval_acc_mean"])] if best else []), l, g["wall_time_s_mean"]]
-            for g, a, l in zip(self.groups, acc, loss)
+             *([_pct(g["best_eval_acc_mean"])] if best else []), *([r] if source else []), l, g["wall_time_s_mean"]]
+            for g, a, r, l in zip(self.groups, acc, refs, loss)
         ]
         return format_table(headers, rows)
 
 
 def report(directory: str | Path, *, group_by: str | Sequence[str] | None = None,
-           out: str | Path | None = None) -> Report:
+           out: str | Path | None = None, confidence: float | None = None) -> Report:
     """Summarise the runs under ``directory``; write CSV, markdown, PNGs and HTML into ``out`` (default: it).
 
     ``group_by`` (field names, or one comma-separated string) replaces the
     automatic choice of the varied fields; ``[]`` pools every run into one group.
+    In a study directory the claim is judged from the runs, at ``confidence``
+    (default: the study's own), into ``verdict.json``.
     """
     root = Path(directory)
     if not root.is_dir():
@@ -160,9 +181,14 @@ def report(directory: str | Path, *, group_by: str | Sequence[str] | None = None
     started = time.perf_counter()
     study = read_study(root)
     if study is not None:
+        result.study = study.name
         result.verdict = study.verdict([RunResult(values=r.config, status=r.status, summary=r.summary)
-                                        for r in finished])
+                                        for r in finished], confidence)
+        result.reference = _check_reference(getattr(study, "reference", None))
+        if result.reference is not None:
+            _attach_reference(result.reference, groups, rows)
     result.setup = describe_setup(root, finished, group_fields, study)
+    result.measurements = read_measurements(root)
     labels = [_group_label(row, group_fields) for row in rows]
     loss_png = _plot_losses(groups, labels, group_fields, dest / LOSS_PLOT)
     acc_png = _plot_accuracy(rows, labels, group_fields, eval_split, dest / ACC_PLOT)
@@ -217,7 +243,10 @@ def _rerun_command(root: Path, study: Study | None) -> str:
     if plan is None:
         return f"reslab report {shlex.quote(str(root))}"
     parts = ["reslab", "sweep"]
-    for name, value in {**(plan.get("base") or {}), **(plan.get("grid") or {})}.items():
+    grid = plan.get("grid") or {}
+    if not isinstance(grid, dict):  # a union of grids has no single command line
+        return f"reslab sweep --config SWEEP.yaml --out {shlex.quote(str(root))}  # a union of grids"
+    for name, value in {**(plan.get("base") or {}), **grid}.items():
         if isinstance(value, list):
             if any(isinstance(v, dict) for v in value):
                 return f"reslab sweep --config SWEEP.yaml --out {shlex.quote(str(root))}  # policy mappings in the grid"
@@ -252,13 +281,250 @@ def _verdict_markdown(result: Report) -> list[str]:
     v = result.verdict
     if v is None:
         return []
-    lines = ["## Verdict", "", f"**{v.verdict}**: {v.claim}", "",
-             f"Each check, on the study's `{v.metric}` (mean ± std over seeds; a check holds only when it holds "
-             "across the spread):", ""]
-    for e in v.evidence:
-        terms = "; ".join(f"{t['term']} = {t['value']}" for t in e.terms)
-        lines.append(f"- {e.result}: `{e.check}` ({e.value}){' - ' + terms if terms else ''}")
+    headers, rows = v.table()
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    lines = ["## Verdict", "", f"**{v.verdict}** at {100 * v.confidence:g}% confidence: {v.claim}", "",
+             v.method_sentence(), "", line(headers), line(["---"] * len(headers)),
+             *(line([f"`{r[0]}`", *r[1:]]) for r in rows), "", "Group estimates, each with its interval:", ""]
+    lines += [f"- `{t['term']}` = {t['value']}" for t in _verdict_terms(v)]
     return [*lines, ""]
+
+
+def _verdict_terms(v: Verdict) -> list[dict[str, Any]]:
+    """Every group statistic the checks read, once, in the order first read."""
+    seen: dict[str, dict[str, Any]] = {}
+    for e in v.evidence:
+        for t in e.terms:
+            seen.setdefault(t["term"], t)
+    return list(seen.values())
+
+
+# --- a study's source numbers ------------------------------------------------------------------
+
+
+def _check_reference(reference: Any) -> dict[str, Any] | None:
+    """A study's ``reference`` in one shape, or None (with a warning) where it has none that can be shown.
+
+    Each entry keeps its ``where`` (grid field: value) and its value, a number or a
+    ``(lo, hi)`` range - as published numbers come: "85.2", or "85.2-85.8" over
+    repeats.  An entry of another shape is left out with a warning naming it: the
+    numbers beside the measured ones must be the source's, never a guess at them.
+    """
+    if reference is None:
+        return None
+    if is_dataclass(reference) and not isinstance(reference, type):  # the same fields, as an object
+        reference = asdict(reference)
+    if not isinstance(reference, Mapping) or not isinstance(reference.get("groups"), (list, tuple)):
+        log.warning("study reference ignored: expected a mapping with a list 'groups', got %r", reference)
+        return None
+    entries = []
+    for entry in reference["groups"]:
+        where = entry.get("where") if isinstance(entry, Mapping) else None
+        value = _reference_value(entry.get("value")) if isinstance(entry, Mapping) else None
+        if not isinstance(where, Mapping) or value is None:
+            log.warning("study reference: entry %r left out (needs 'where': {field: value} and 'value': a number "
+                        "or [lo, hi])", entry)
+            continue
+        entries.append({"where": dict(where), "value": value})
+    checked = {"source": str(reference.get("source") or ""), "dataset": str(reference.get("dataset") or ""),
+               "metric": str(reference.get("metric") or ""), "groups": entries}
+    if _is_fraction_metric(checked) and any(v > 1 for e in entries for v in _bounds(e["value"])):
+        log.warning("study reference: an accuracy above 1 - reference accuracies are fractions (0.852, not 85.2)")
+    return checked
+
+
+def _bounds(value: float | tuple[float, float]) -> tuple[float, ...]:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _reference_value(value: Any) -> float | tuple[float, float] | None:
+    """A number, or a range as an ordered (lo, hi); None for anything else."""
+    if _is_number(value):
+        return float(value)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) for v in value):
+        lo, hi = sorted(float(v) for v in value)
+        return (lo, hi)
+    return None
+
+
+def _attach_reference(reference: dict[str, Any], groups: list[tuple[tuple, list[Run]]],
+                      rows: list[dict[str, Any]]) -> None:
+    """Give each group row the value of the first reference entry whose ``where`` all its runs satisfy.
+
+    Matching on the runs (not on the group's key) lets an entry name a field the
+    study holds fixed, which is no column of the table; an entry that selects no
+    group - a study run over part of its grid - is only logged.
+    """
+    used = [False] * len(reference["groups"])
+    for (_, runs), row in zip(groups, rows):
+        hits = [i for i, e in enumerate(reference["groups"])
+                if all(matches_value(_value(r, k), v) for r in runs for k, v in e["where"].items())]
+        for i in hits:
+            used[i] = True
+        if len(hits) > 1:
+            log.warning("study reference: %d entries match one group; the first (%r) is shown", len(hits),
+                        reference["groups"][hits[0]]["where"])
+        row[REFERENCE_COLUMN] = reference["groups"][hits[0]]["value"] if hits else None
+    for entry, hit in zip(reference["groups"], used):
+        if not hit:
+            log.info("study reference: no group of these runs matches %r", entry["where"])
+
+
+def _is_fraction_metric(reference: dict[str, Any]) -> bool:
+    """Accuracies are fractions in the reference, shown in % as the measured ones are."""
+    return "acc" in (reference.get("metric") or "final_eval_acc").lower()
+
+
+def _source_header(reference: dict[str, Any]) -> str:
+    return "source %" if _is_fraction_metric(reference) else "source"
+
+
+def _source_cell(reference: dict[str, Any] | None, value: float | tuple[float, float] | None) -> str:
+    """A source number as the table shows it: 85.2, or a range 85.2-85.8; "" where the source has none.
+
+    Trailing zeros are dropped: a paper's "85.2" printed as "85.20" claims a digit it never gave.
+    """
+    if reference is None or value is None:
+        return ""
+    if _is_fraction_metric(reference):
+        def one(v: float) -> str:
+            return f"{100 * v:.2f}".rstrip("0").rstrip(".")
+    else:
+        def one(v: float) -> str:
+            return format_value(v)
+    return one(value) if not isinstance(value, tuple) else f"{one(value[0])}-{one(value[1])}"
+
+
+def _reference_csv(value: float | tuple[float, float] | None) -> str:
+    if value is None:
+        return ""
+    return repr(value) if not isinstance(value, tuple) else f"{value[0]!r}-{value[1]!r}"
+
+
+def _normalized(name: str) -> str:
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+def _reference_sentence(result: Report) -> str:
+    """Where the source numbers come from, and whether from a different dataset than these runs.
+
+    A number from another dataset (the paper's ImageNet, these runs' small offline
+    subset) says how the groups should rank and differ, not what they should score.
+    """
+    ref = result.reference
+    if ref is None:
+        return ""
+    source = ref["source"] or "the study's source"
+    if not ref["dataset"]:
+        return f"Source numbers: {source}."
+    datasets = sorted({str(_value(r, "dataset")) for r in result.runs})
+    if [_normalized(ref["dataset"])] == [_normalized(d) for d in datasets]:
+        return f"Source numbers: {source}, on {ref['dataset']}, the dataset of these runs."
+    return (f"Source numbers: {source}, on {ref['dataset']} - a different dataset from these runs' "
+            f"{', '.join(datasets)}, so compare how the groups rank and differ, not the values themselves.")
+
+
+# --- measurements taken outside the runs -------------------------------------------------------
+
+
+def read_measurements(directory: str | Path) -> list[dict[str, Any]]:
+    """The tables of ``measurements.json`` in ``directory``: ``[{"title", "text", "headers", "rows"}]``.
+
+    Numbers measured outside the runs (a timing, a memory peak) belong on the same
+    page as the runs' results.  A missing file is no measurements; an unreadable or
+    malformed one is logged as a warning and left out, so the report is still written.
+    """
+    file = Path(directory) / MEASUREMENTS_FILE
+    if not file.is_file():
+        return []
+    try:
+        return _check_measurements(json.loads(file.read_text()))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # (json.JSONDecodeError is a ValueError)
+        log.warning("%s left out of the report: %s", file, exc)
+        return []
+
+
+def _check_measurements(data: Any) -> list[dict[str, Any]]:
+    """``data`` as a list of measurement tables; ValueError naming the first thing out of shape."""
+    if not isinstance(data, list):
+        raise ValueError(f"expected a list of tables, got {type(data).__name__}")
+    tables = []
+    for i, item in enumerate(data):
+        where = f"table {i}"
+        if not isinstance(item, Mapping):
+            raise ValueError(f"{where}: expected an object with title, text, headers, rows")
+        title, text = item.get("title"), item.get("text", "")
+        headers, rows = item.get("headers", []), item.get("rows", [])
+        if not isinstance(title, str) or not title.strip():
+            raise ValueError(f"{where}: 'title' must be a non-empty string")
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: 'text' must be a string")
+        if not isinstance(headers, list) or not all(isinstance(h, str) for h in headers):
+            raise ValueError(f"{where}: 'headers' must be a list of strings")
+        if not isinstance(rows, list):
+            raise ValueError(f"{where}: 'rows' must be a list of rows")
+        for j, row in enumerate(rows):
+            if not isinstance(row, list) or len(row) != len(headers):
+                raise ValueError(f"{where}, row {j}: expected a list of {len(headers)} cells (one per header)")
+            bad = [c for c in row if c is not None and not isinstance(c, (str, int, float))]
+            if bad:
+                raise ValueError(f"{where}, row {j}: cells must be text or numbers, got {bad[0]!r}")
+        tables.append({"title": " ".join(title.split()), "text": " ".join(text.split()),
+                       "headers": list(headers), "rows": [list(r) for r in rows]})
+    return tables
+
+
+def _measurement_cells(table: dict[str, Any]) -> tuple[list[bool], list[list[str]]]:
+    """Which columns are numeric and each cell's text, as ``reslab.tables.format_table`` decides them:
+    numbers to 4 significant figures, None as '-', a column of numbers only right-aligned."""
+    rows = table["rows"]
+    numeric = [bool(rows) and all(isinstance(r[i], (int, float)) or r[i] is None for r in rows)
+               for i in range(len(table["headers"]))]
+    return numeric, [[format_value(c) for c in r] for r in rows]
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
+def _measurements_markdown(result: Report) -> list[str]:
+    if not result.measurements:
+        return []
+    lines = ["## Measurements", ""]
+    for table in result.measurements:
+        lines += [f"### {table['title']}", ""]
+        if table["text"]:
+            lines += [table["text"], ""]
+        if table["headers"]:
+            numeric, cells = _measurement_cells(table)
+            lines += [_md_row(table["headers"]), _md_row(["---:" if num else "---" for num in numeric]),
+                      *(_md_row(r) for r in cells), ""]
+    return lines
+
+
+def _measurements_html(result: Report) -> str:
+    if not result.measurements:
+        return ""
+    esc = html.escape
+    parts = ['<section id="measurements"><h2>Measurements</h2>']
+    for table in result.measurements:
+        parts.append(f"<h3>{esc(table['title'])}</h3>")
+        if table["text"]:
+            parts.append(f"<p>{esc(table['text'])}</p>")
+        if table["headers"]:
+            numeric, cells = _measurement_cells(table)
+            head = "".join(f"<th>{esc(h)}</th>" for h in table["headers"])
+            body = "".join("<tr>" + "".join(f'<td{" class=num" if num else ""}>{esc(c)}</td>'
+                                            for c, num in zip(r, numeric)) + "</tr>" for r in cells)
+            parts.append(f'<table class="measurements"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
+    return "".join(parts) + "</section>\n"
 
 
 # --- finding and reading runs ---------------------------------------------------------
@@ -501,14 +767,17 @@ def _display_table(result: Report) -> tuple[list[str], list[list[str]]]:
     """Headers and text cells shared by the markdown and HTML tables."""
     split = _split_word(result.eval_split)
     best = result.shows_best
+    ref = result.reference
     headers = [*result.fields, "n", "completed", "diverged", f"{split} acc (%)",
-               *([f"best {split} acc (%)"] if best else []), "final train loss", "wall time (s)"]
+               *([f"best {split} acc (%)"] if best else []), *([_source_header(ref)] if ref is not None else []),
+               "final train loss", "wall time (s)"]
     rows = []
     for g in result.groups:
         wall = g["wall_time_s_mean"]
         rows.append([*(_label(g[f]) for f in result.fields), str(g["n"]), str(g["completed"]), str(g["diverged"]),
                      _pm(g["eval_acc_mean"], g["eval_acc_std"], 100, 2),
                      *([_pct(g["best_eval_acc_mean"])] if best else []),
+                     *([_source_cell(ref, g.get(REFERENCE_COLUMN))] if ref is not None else []),
                      _pm(g["train_loss_mean"], g["train_loss_std"], 1, 4), "-" if wall is None else f"{wall:.1f}"])
     return headers, rows
 
@@ -533,28 +802,36 @@ def _method_note(result: Report) -> str:
 
 
 def to_csv(result: Report) -> str:
+    """One row per group, fractions unrounded; a study's source number last (``reference``), after the
+    columns every report has, so a reader that indexes those columns reads the same ones either way."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*result.fields, *STAT_COLUMNS])
+    ref = result.reference is not None
+    writer.writerow([*result.fields, *STAT_COLUMNS, *([REFERENCE_COLUMN] if ref else [])])
     for g in result.groups:
-        writer.writerow([_csv_value(g[c]) for c in (*result.fields, *STAT_COLUMNS)])
+        writer.writerow([_csv_value(g[c]) for c in (*result.fields, *STAT_COLUMNS)]
+                        + ([_reference_csv(g.get(REFERENCE_COLUMN))] if ref else []))
     return buffer.getvalue()
+
+
+def _title(result: Report) -> str:
+    """The page's name: the study it was run for, else its directory."""
+    return f"reslab report: study {result.study}" if result.study else f"reslab report: {result.directory}"
 
 
 def to_markdown(result: Report) -> str:
     headers, rows = _display_table(result)
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-
+    line = _md_row
     numeric_from = len(result.fields)
     align = ["---" if i < numeric_from else "---:" for i in range(len(headers))]
     varied = ", ".join(f"`{f}`" for f in result.fields) or "nothing (one group)"
     runs = len(result.runs)
     return "\n".join([
-        f"# reslab report: {result.directory}",
+        f"# {_title(result)}",
         "",
+        *([f"Directory: `{result.directory}`", ""] if result.study else []),
         *_verdict_markdown(result),
+        *_measurements_markdown(result),
         *(["## Setup", "", *_setup_lines(result), "", "## Results", ""] if result.setup else []),
         (f"{runs} run{'s' if runs != 1 else ''} in {len(result.groups)} "
          f"group{'s' if len(result.groups) != 1 else ''}; grouped by {varied}."),
@@ -563,6 +840,7 @@ def to_markdown(result: Report) -> str:
         "",
         _split_sentence(result.eval_split),
         _method_note(result),
+        *([_reference_sentence(result)] if result.reference is not None else []),
         "",
         f"![train loss per step]({LOSS_PLOT})",
         "",
@@ -609,15 +887,16 @@ def _verdict_html(result: Report) -> str:
     if v is None:
         return ""
     esc = html.escape
-    items = "".join(
-        f"<li><b>{esc(e.result)}</b>: <code>{esc(e.check)}</code> ({esc(e.value)})"
-        + ("<br><span class=note>" + esc("; ".join(f"{t['term']} = {t['value']}" for t in e.terms)) + "</span>"
-           if e.terms else "") + "</li>"
-        for e in v.evidence)
+    headers, rows = v.table()
+    head = "".join(f'<th scope="col">{esc(h)}</th>' for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{'<code>' + esc(c) + '</code>' if i == 0 else esc(c)}</td>"
+                                    for i, c in enumerate(r)) + "</tr>" for r in rows)
+    terms = "".join(f"<li><code>{esc(t['term'])}</code> = {esc(t['value'])}</li>" for t in _verdict_terms(v))
     return (f'<section id="verdict"><h2>Verdict: <span class="verdict-{v.verdict.replace(" ", "-")}">'
-            f"{esc(v.verdict)}</span></h2><p>{esc(v.claim)}</p>"
-            f"<p class=note>Checks on {esc(v.metric)}, mean ± std over seeds; a check holds only when it holds "
-            f"across the spread.</p><ul>{items}</ul></section>\n")
+            f"{esc(v.verdict)}</span> at {100 * v.confidence:g}% confidence</h2><p>{esc(v.claim)}</p>"
+            f"<p class=note>{esc(v.method_sentence().replace('`', ''))}</p>"
+            f'<table id="checks"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+            f"<p class=note>Group estimates, each with its interval:</p><ul>{terms}</ul></section>\n")
 
 
 def _setup_html(result: Report) -> str:
@@ -655,17 +934,20 @@ def to_html(result: Report, images: list[Path]) -> str:
     split_text = _split_sentence(result.eval_split).replace("**", "")
     varied = ", ".join(result.fields) or "nothing (one group)"
     generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    directory = f'<p class="meta" id="directory">{esc(str(result.directory))}</p>\n' if result.study else ""
+    reference = (f'<p class="note" id="source-numbers">{esc(_reference_sentence(result))}</p>\n'
+                 if result.reference is not None else "")
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>reslab report: {esc(str(result.directory))}</title>
+<title>{esc(_title(result))}</title>
 <style>{_CSS}</style>
 </head>
 <body>
-<h1>reslab report</h1>
-{_verdict_html(result)}{_setup_html(result)}<p class="meta">{len(result.runs)} runs in {len(result.groups)} groups, grouped by {esc(varied)}.</p>
+<h1>{esc(_title(result)) if result.study else "reslab report"}</h1>
+{directory}{_verdict_html(result)}{_measurements_html(result)}{_setup_html(result)}<p class="meta">{len(result.runs)} runs in {len(result.groups)} groups, grouped by {esc(varied)}.</p>
 <table id="summary">
 <thead><tr>{head}</tr></thead>
 <tbody>
@@ -674,7 +956,7 @@ def to_html(result: Report, images: list[Path]) -> str:
 </table>
 <p class="{'note' if split in ('test', 'val') else 'warn'}" id="eval-split">{esc(split_text)}</p>
 <p class="note">{esc(_method_note(result))}</p>
-{chr(10).join(figures)}
+{reference}{chr(10).join(figures)}
 <p class="note" id="generated">Generated by reslab {esc(__version__)} from {esc(str(result.directory.resolve()))} on {esc(generated)}.</p>
 <script>{_SCRIPT}</script>
 </body>
