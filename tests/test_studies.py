@@ -81,6 +81,14 @@ def test_every_run_records_steps_and_resume_adds_no_duplicates(capsys, tmp_path)
     ({"grid": {"norm": []}}, "grid axis 'norm'"),
     ({"jobs": 0}, "'jobs' must be a positive integer"),
     ({"jobs": "two"}, "'jobs' must be a positive integer"),
+    ({"confidence": 1.5}, "'confidence' must be a number between 0.5 and 1"),
+    ({"confidence": "high"}, "'confidence' must be a number between 0.5 and 1"),
+    ({"verdict": {"checks": ['mean(norm="bn") >= 0.5'], "paired": "yes"}}, "'verdict.paired' must be true or false"),
+    ({"reference": {"groups": [{"norm": "ln", "value": 0.9}]}}, "reference group {'norm': 'ln'} is not a group"),
+    ({"reference": {"groups": [{"norm": "bn", "value": "high"}]}}, "must be a number or [low, high]"),
+    ({"reference": {"groups": [{"norm": "bn", "value": 0.9}], "colour": 1}}, "unknown reference key 'colour'"),
+    ({"measure": ["bn_hist"]}, "unknown measurement 'bn_hist'; valid: bn_running_var"),
+    ({"grid": [{"norm": ["bn"]}, "gn"]}, "'grid' must be a mapping"),
 ])
 def test_bad_study_files_are_one_line_and_write_nothing(capsys, tmp_path, change, fragment):
     file = write_study(tmp_path / "bad.yaml", ['mean(norm="bn") >= 0.5'])
@@ -228,3 +236,92 @@ def test_normfree_study_runs_every_recipe_and_judges_all_its_checks(capsys, tmp_
     assert cells == sorted(["norm=bn-init=kaiming_normal_mode=fan_out-seed=0",
                             *(f"norm=none-init={init}-seed=0" for init in ("kaiming_normal_mode=fan_out", "fixup",
                                                                            "skipinit", "nf"))])
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--seeds", "3-1"], "bad range '3-1' in --seeds: it runs backwards; write 1-3"),
+    (["--seeds", "0-x"], "expected integers and ranges"),
+    (["--seeds", "0-2,2"], "repeats a seed"),
+    (["--confidence", "1.5"], "--confidence must be a number between 0.5 and 1"),
+    (["--confidence", "0.3"], "--confidence must be a number between 0.5 and 1"),
+])
+def test_bad_study_flags_are_one_line_and_write_nothing(capsys, tmp_path, argv, fragment):
+    file = write_study(tmp_path / "mine.yaml", ['mean(norm="bn") >= 0.5'])
+    code, _, err = cli(capsys, "study", file, *argv, "--out", tmp_path / "out")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_verdict_rejudges_a_finished_study_and_added_seeds_reuse_its_runs(capsys, tmp_path):
+    file = write_study(tmp_path / "mine.yaml", ['mean(norm="bn") >= 0.3', 'mean(norm="gn") >= 0.3'])
+    out = tmp_path / "study"
+    code, stdout, err = cli(capsys, "study", file, "--seeds", "0-2", "--out", out)
+    assert code == 0, err
+    assert "study tiny-norms took" in stdout
+    runs = sorted(p.parent.name for p in out.glob("*/summary.json"))
+    assert runs == [f"norm={n}-seed={s}" for n in ("bn", "gn") for s in range(3)]
+    first = json.loads((out / "verdict.json").read_text())
+    assert first["confidence"] == 0.95 and all(e["interval"] for e in first["evidence"])
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoint.pt")}
+
+    # the same runs judged at another confidence: no training, a wider interval
+    code, stdout, err = cli(capsys, "verdict", out, "--confidence", "0.999")
+    assert code == 0, err
+    assert "at 99.9% confidence" in stdout and {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    again = json.loads((out / "verdict.json").read_text())
+    assert again["confidence"] == 0.999
+    for before, after in zip(first["evidence"], again["evidence"]):  # (a group whose seeds agree has no width)
+        assert after["interval"][0] <= before["interval"][0] and after["interval"][1] >= before["interval"][1]
+    assert "99.9% confidence" in (out / "report.md").read_text()
+
+    # two more seeds: only their runs train
+    code, _, err = cli(capsys, "study", file, "--seeds", "0-4", "--out", out)
+    assert code == 0, err
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert len(list(out.glob("*/summary.json"))) == 10
+    assert all(e["n"] == {k: 5 for k in e["n"]} for e in json.loads((out / "verdict.json").read_text())["evidence"])
+
+
+def test_verdict_on_a_folder_without_a_study_is_one_line(capsys, tmp_path):
+    code, _, err = cli(capsys, "verdict", tmp_path)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "holds no study.yaml" in err
+    assert list(tmp_path.iterdir()) == []
+    code, _, err = cli(capsys, "verdict", tmp_path / "nowhere")
+    assert code == 2 and "is not a directory" in err
+    code, _, err = cli(capsys, "verdict", tmp_path, "--confidence", "2")
+    assert code == 2 and "--confidence must be a number between 0.5 and 1" in err
+
+
+def test_a_union_grid_runs_each_point_once_and_reports_references_and_measurements(capsys, tmp_path):
+    file = write_study(tmp_path / "union.yaml", ['mean(norm="bn", batch_size=32) >= 0.3'],
+                       grid=[{"norm": ["bn", "gn"], "batch_size": [32]}, {"norm": ["bn"], "batch_size": [32, 64]}],
+                       reference={"source": "a paper", "dataset": "CIFAR-10",
+                                  "groups": [{"norm": "bn", "batch_size": 64, "value": 0.9}]},
+                       measure=["bn_running_var"])
+    out = tmp_path / "union"
+    code, stdout, err = cli(capsys, "study", file, "--out", out)
+    assert code == 0, err
+    runs = sorted(p.parent.name for p in out.glob("*/summary.json"))
+    assert runs == sorted(f"norm={n}-batch_size={b}-seed={s}" for n, b in (("bn", 32), ("gn", 32), ("bn", 64))
+                          for s in (0, 1))
+    measured = json.loads((out / "measurements.json").read_text())
+    assert [row[:2] for row in measured[0]["rows"]] == [["bn", 32], ["bn", 64]]
+    md = (out / "report.md").read_text()
+    assert md.startswith("# reslab report: study tiny-norms") and "## Measurements" in md
+    assert "source %" in md and "90" in md and "CIFAR-10" in md
+    # narrowing the study to batch 32 leaves no referenced group: the reference goes with it
+    code, _, err = cli(capsys, "study", file, "--batch-size", "32", "--out", tmp_path / "narrow")
+    assert code == 0, err
+    assert "reference" not in yaml.safe_load((tmp_path / "narrow" / "study.yaml").read_text())
+
+
+def test_shipped_studies_judge_with_inference_and_carry_their_sources_numbers():
+    studies = shipped_studies()
+    inits = studies["inits"].reference
+    assert inits["dataset"] == "FashionMNIST"
+    by_init = {g["where"]["init"]: g["value"] for g in inits["groups"]}
+    assert by_init["zeros"] == 0.09625 and by_init["rule_uniform"] == [0.85208, 0.85775]
+    for study in studies.values():
+        assert study.confidence == 0.95
+        assert len(study.seeds) >= 3, study.name  # two seeds cannot give a t interval worth the name
+    assert "frac(" in " ".join(studies["normfree"].checks)
