@@ -1,10 +1,14 @@
 """The Python API mirrors the CLI: reslab.train, sweep, study, report, signal, load_run, convert_norms."""
 
 import importlib
+import json
 import pkgutil
+import statistics
 
+import pytest
 import torch
 import yaml
+from scipy import stats
 
 import reslab
 
@@ -41,11 +45,19 @@ def test_sweep_report_and_study_from_python(tmp_path):
     table = reslab.report(tmp_path / "sweep")
     assert table.fields == ["norm"] and {row["norm"] for row in table.groups} == {"bn", "gn"}
     file = tmp_path / "claim.yaml"
-    file.write_text(yaml.safe_dump({"name": "tiny", "claim": "both norms beat chance", "base": TINY,
-                                    "grid": {"norm": ["bn", "gn"]}, "seeds": [0],
-                                    "verdict": {"checks": ['mean(norm="bn") >= 0', 'mean(norm="gn") >= 0']}}))
-    judged = reslab.study(file, out=tmp_path / "study")
-    assert judged.verdict.verdict == "supported" and (tmp_path / "study" / "verdict.json").is_file()
+    file.write_text(yaml.safe_dump({"name": "tiny", "claim": "BN beats chance (4 classes)", "base": TINY,
+                                    "grid": {"norm": ["bn", "gn"]}, "seeds": [0, 1, 2],
+                                    "verdict": {"checks": ['mean(norm="bn") > 0.25']}}))
+    judged = reslab.study(file, out=tmp_path / "study", confidence=0.9)
+    # the verdict is the one its evidence implies, from the three BN runs, at the confidence asked for
+    saved = json.loads((tmp_path / "study" / "verdict.json").read_text())
+    (check,) = saved["evidence"]
+    accs = [json.loads((tmp_path / "study" / f"norm=bn-seed={s}" / "summary.json").read_text())["final_eval_acc"]
+            for s in range(3)]
+    low = stats.ttest_1samp(accs, 0.25).confidence_interval(0.9).low
+    assert saved["confidence"] == 0.9 and check["n"] == {"mean(norm='bn')": 3}
+    assert check["interval"][0] + 0.25 == pytest.approx(low) or statistics.stdev(accs) == 0
+    assert judged.verdict.verdict == ("supported" if low > 0.25 else "inconclusive")
     narrowed = reslab.study(file, out=tmp_path / "narrow", base={"norm": "gn"})
     assert narrowed.study.grid == {} and narrowed.study.base["norm"] == "gn"
 
