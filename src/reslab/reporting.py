@@ -67,7 +67,7 @@ from .rundir import (
     read_summary,
     read_sweep_plan,
 )
-from .studies import VERDICT_FILE, Study, read_study
+from .studies import MEASUREMENTS_FILE, VERDICT_FILE, Study, read_study
 from .tables import format_table, format_value
 from .verdict import RunResult, Verdict, matches_value
 
@@ -83,7 +83,6 @@ LOSS_PLOT, ACC_PLOT = "train_loss.png", "eval_acc.png"
 STAT_COLUMNS = ("n", "completed", "diverged", "eval_acc_mean", "eval_acc_std", "best_eval_acc_mean",
                 "train_loss_mean", "train_loss_std", "wall_time_s_mean")
 REFERENCE_COLUMN = "reference"  # CSV column (and group row key) of a study's source number; only with one
-MEASUREMENTS_FILE = "measurements.json"
 
 
 @dataclass

@@ -57,7 +57,7 @@ from .verdict import (
 )
 
 STUDY_DIR = Path(__file__).parent / "configs" / "studies"
-STUDY_FILE, VERDICT_FILE = "study.yaml", "verdict.json"
+STUDY_FILE, VERDICT_FILE, MEASUREMENTS_FILE = "study.yaml", "verdict.json", "measurements.json"
 _KEYS = ("name", "claim", "source", "budget_s", "jobs", "notes", "base", "grid", "seeds", "confidence", "verdict",
          "reference", "measure")
 _VERDICT_KEYS = ("metric", "checks", "paired")
@@ -340,5 +340,5 @@ def write_study(study: Study, directory: str | Path) -> Path:
     return atomic_write_text(Path(directory) / STUDY_FILE, yaml.safe_dump(study.to_dict(), sort_keys=False))
 
 
-__all__ = ["STUDY_FILE", "VERDICT_FILE", "Study", "get_study", "list_studies", "load_study_file", "plan_study",
+__all__ = ["MEASUREMENTS_FILE", "STUDY_FILE", "VERDICT_FILE", "Study", "get_study", "list_studies", "load_study_file", "plan_study",
            "read_study", "shipped_studies", "study_from_dict", "write_study"]

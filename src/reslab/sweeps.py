@@ -481,9 +481,6 @@ def sweep(
     return result
 
 
-MEASUREMENTS_FILE = "measurements.json"
-
-
 @dataclass
 class StudyResult:
     """What :func:`study` ran and judged: the study as planned, its sweep and its report."""
@@ -549,6 +546,7 @@ def _measure(planned: Any, result: SweepResult) -> None:
     """The study's measurements of its finished runs, into ``measurements.json`` for the report."""
     from .measure import run_measurements
     from .rundir import read_config_mapping
+    from .studies import MEASUREMENTS_FILE
 
     runs = [(Path(run.config.out), read_config_mapping(Path(run.config.out)), result.statuses.get(run.run_id))
             for run in result.runs]
