@@ -281,13 +281,9 @@ def _verdict_markdown(result: Report) -> list[str]:
     if v is None:
         return []
     headers, rows = v.table()
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-
     lines = ["## Verdict", "", f"**{v.verdict}** at {100 * v.confidence:g}% confidence: {v.claim}", "",
-             v.method_sentence(), "", line(headers), line(["---"] * len(headers)),
-             *(line([f"`{r[0]}`", *r[1:]]) for r in rows), "", "Group estimates, each with its interval:", ""]
+             v.method_sentence(), "", _md_row(headers), _md_row(["---"] * len(headers)),
+             *(_md_row([f"`{r[0]}`", *r[1:]]) for r in rows), "", "Group estimates, each with its interval:", ""]
     lines += [f"- `{t['term']}` = {t['value']}" for t in _verdict_terms(v)]
     return [*lines, ""]
 
