@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import functools
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
@@ -245,6 +246,12 @@ def _formula(node: ast.AST, text: str) -> _Leaf | _Node:
     raise SpecError(f"verdict check {text!r}: {ast.unparse(node)!r} is not a comparison")
 
 
+@functools.lru_cache(maxsize=512)
+def _compiled(text: str) -> _Leaf | _Node:
+    """A check's formula, parsed and checked once per text (the formula is only read, never changed)."""
+    return _formula(parse_check(text).body, text)
+
+
 def _is_exact_number(node: ast.AST) -> bool:
     return not any(isinstance(n, ast.Call) for n in ast.walk(node))
 
@@ -356,6 +363,12 @@ class Term:
     def defined(self) -> bool:
         return not self.why
 
+    @property
+    def sample_variance(self) -> float:
+        """The runs' sample variance (ddof=1), in floating point (statistics.variance is exact and slow)."""
+        mean = math.fsum(self.values) / len(self.values)
+        return math.fsum((v - mean) ** 2 for v in self.values) / (len(self.values) - 1)
+
     def variance(self) -> tuple[float, float]:
         """The sampling variance of the estimate and its degrees of freedom (inf: exact or normal)."""
         if self.kind == "count":
@@ -364,14 +377,13 @@ class Term:
             k = sum(self.values)
             p = (k + 2) / (self.n + 4)
             return p * (1 - p) / (self.n + 4), math.inf
-        sd = statistics.stdev(self.values)
         if self.kind == "mean":
-            return sd ** 2 / self.n, self.n - 1
-        return sd ** 2 / (2 * (self.n - 1)), self.n - 1  # std: the delta method on s^2's chi-square
+            return self.sample_variance / self.n, self.n - 1
+        return self.sample_variance / (2 * (self.n - 1)), self.n - 1  # std: the delta method on s^2's chi-square
 
     def per_run_variance(self) -> float | None:
         if self.kind == "mean" and self.n > 1:
-            return statistics.variance(self.values)
+            return self.sample_variance
         if self.kind == "frac":
             p = (sum(self.values) + 2) / (self.n + 4)
             return p * (1 - p)
@@ -627,7 +639,7 @@ class _Judge:
             count = len(paired)
             var, df, method = statistics.variance(paired) / count, count - 1, f"paired t over {count} seeds"
         else:
-            parts = [(w ** 2 * t.variance()[0], t.variance()[1]) for t, w in weights.items()]
+            parts = [(w ** 2 * var, df) for (var, df), w in ((t.variance(), w) for t, w in weights.items())]
             var = sum(v for v, _ in parts)
             denom = sum(v ** 2 / d for v, d in parts if v > 0 and math.isfinite(d))
             df = var ** 2 / denom if denom > 0 else math.inf
@@ -832,11 +844,10 @@ def evaluate_check(text: str, runs: Sequence[RunResult], metric: str = DEFAULT_M
                    confidence: float = DEFAULT_CONFIDENCE, paired: bool = False) -> CheckResult:
     """One check judged from ``runs`` (before any correction across checks)."""
     confidence = check_confidence(confidence)
-    tree = parse_check(text)
     groups = _Groups(runs, metric)
     judge = _Judge(groups, confidence, paired)
     comparisons: list[Comparison] = []
-    p_holds, p_fails, seeds = _judge(_formula(tree.body, text), judge, comparisons)
+    p_holds, p_fails, seeds = _judge(_compiled(text), judge, comparisons)
     result = HOLDS if p_holds <= judge.alpha else FAILS if p_fails <= judge.alpha else UNKNOWN
     value = "; ".join(_gap_text(c) for c in comparisons)
     return CheckResult(check=text.strip(), result=result, value=value, p_holds=p_holds, p_fails=p_fails,
