@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import fields, replace
 from pathlib import Path
@@ -233,7 +234,7 @@ def _median(values: list[float]) -> float | None:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     if not finite:
         return None
-    return float(torch.tensor(finite, dtype=torch.float64).quantile(0.5))
+    return float(statistics.median(finite))
 
 
 def bn_variance_measurement(study_dir: str | Path, runs: Iterable[Any], *, max_images: int | None = None,

@@ -604,12 +604,12 @@ class _Judge:
         # gap = slope * p + offset: the claim is p > p0 (slope > 0) or p < p0 (slope < 0)
         k, runs = int(sum(term.values)), term.n
         p0 = term.estimate - gap.value / slope
-        lo, hi = _clopper_pearson(k, runs, self.confidence)
-        greater = stats.binomtest(k, runs, min(max(p0, 0.0), 1.0), alternative="greater").pvalue
-        less = stats.binomtest(k, runs, min(max(p0, 0.0), 1.0), alternative="less").pvalue
-        p_holds, p_fails = (greater, less) if slope > 0 else (less, greater)
         if p0 <= 0 or p0 >= 1:  # a share can't be below 0 or above 1: the claim is settled by arithmetic
             return self._exact(leaf, gap.value, n)
+        lo, hi = _clopper_pearson(k, runs, self.confidence)
+        greater = stats.binomtest(k, runs, p0, alternative="greater").pvalue
+        less = stats.binomtest(k, runs, p0, alternative="less").pvalue
+        p_holds, p_fails = (greater, less) if slope > 0 else (less, greater)
         gaps = sorted((slope * (lo - term.estimate) + gap.value, slope * (hi - term.estimate) + gap.value))
         cmp = Comparison(leaf.text, gap.value, (gaps[0], gaps[1]), float(p_holds), float(p_fails),
                          "exact binomial (Clopper-Pearson)", n=n)
@@ -670,12 +670,12 @@ class _Judge:
         if paired is not None:
             unit = [(statistics.variance(paired), 1.0)]
         else:
-            known = [t.per_run_variance() for t in weights if t.per_run_variance() is not None]
+            per_run = {t: t.per_run_variance() for t in weights}
+            known = [v for v in per_run.values() if v is not None]
             fallback = statistics.fmean(known) if known else None  # a lone run borrows the others' spread
             unit = []
             for t, w in weights.items():
-                v = t.per_run_variance()
-                v = fallback if v is None else v
+                v = fallback if per_run[t] is None else per_run[t]
                 if v is None:
                     return None
                 unit.append((w ** 2 * v, 0.0 if t.kind == "frac" else 1.0))
@@ -685,11 +685,11 @@ class _Judge:
         start = max(2, math.ceil(total * (z / abs(gap)) ** 2)) if total > 0 else 2
         if start > MAX_SEEDS:
             return None
+        normal = all(kind == 0.0 for _, kind in unit)
         for seeds in range(start, MAX_SEEDS + 1):
             var = total / seeds
             if var == 0:
                 return seeds
-            normal = all(kind == 0.0 for _, kind in unit)
             spread = sum((v / seeds) ** 2 / (seeds - 1) for v, k in unit if k)
             df = math.inf if normal or spread == 0 else seeds - 1 if paired is not None else var ** 2 / spread
             if abs(gap) / math.sqrt(var) >= _t_ppf(1 - self.alpha, df) + _t_ppf(POWER, df):
