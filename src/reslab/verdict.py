@@ -71,8 +71,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from scipy import stats
-
 from .errors import SpecError
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
@@ -92,6 +90,15 @@ class RunResult:
     values: Mapping[str, Any]   # config field -> value (the grid fields and the seed at least)
     status: str                 # completed | diverged | failed
     summary: Mapping[str, Any]
+
+
+@functools.cache
+def _stats():
+    """scipy.stats, imported on first use: it takes about a second, and every reslab command imports this
+    module (the CLI lists the studies, which validate their checks), while few judge a claim."""
+    from scipy import stats
+
+    return stats
 
 
 def check_confidence(confidence: Any, where: str = "confidence") -> float:
@@ -400,7 +407,7 @@ class Term:
         if self.n < 2:
             return f"{_num(self.estimate)} (n=1, no spread)"
         var, df = self.variance()
-        half = stats.t.ppf((1 + confidence) / 2, df) * math.sqrt(var)
+        half = _stats().t.ppf((1 + confidence) / 2, df) * math.sqrt(var)
         return f"{_num(self.estimate)} [{_num(self.estimate - half)}, {_num(self.estimate + half)}] (n={self.n})"
 
     def to_dict(self, confidence: float) -> dict[str, Any]:
@@ -427,7 +434,7 @@ def _finite(value: float | None) -> float | None:
 
 
 def _clopper_pearson(k: int, n: int, confidence: float) -> tuple[float, float]:
-    ci = stats.binomtest(k, n).proportion_ci(confidence_level=confidence, method="exact")
+    ci = _stats().binomtest(k, n).proportion_ci(confidence_level=confidence, method="exact")
     return float(ci.low), float(ci.high)
 
 
@@ -552,7 +559,7 @@ def _p(p: float) -> str:
 
 
 def _t_ppf(q: float, df: float) -> float:
-    return float(stats.norm.ppf(q)) if math.isinf(df) else float(stats.t.ppf(q, df))
+    return float(_stats().norm.ppf(q)) if math.isinf(df) else float(_stats().t.ppf(q, df))
 
 
 class _Judge:
@@ -607,8 +614,8 @@ class _Judge:
         if p0 <= 0 or p0 >= 1:  # a share can't be below 0 or above 1: the claim is settled by arithmetic
             return self._exact(leaf, gap.value, n)
         lo, hi = _clopper_pearson(k, runs, self.confidence)
-        greater = stats.binomtest(k, runs, p0, alternative="greater").pvalue
-        less = stats.binomtest(k, runs, p0, alternative="less").pvalue
+        greater = _stats().binomtest(k, runs, p0, alternative="greater").pvalue
+        less = _stats().binomtest(k, runs, p0, alternative="less").pvalue
         p_holds, p_fails = (greater, less) if slope > 0 else (less, greater)
         gaps = sorted((slope * (lo - term.estimate) + gap.value, slope * (hi - term.estimate) + gap.value))
         cmp = Comparison(leaf.text, gap.value, (gaps[0], gaps[1]), float(p_holds), float(p_fails),
@@ -652,8 +659,8 @@ class _Judge:
         se = math.sqrt(var)
         half = _t_ppf(1 - self.alpha, df) * se
         t = gap.value / se
-        p_holds = float(stats.norm.sf(t) if math.isinf(df) else stats.t.sf(t, df))
-        p_fails = float(stats.norm.cdf(t) if math.isinf(df) else stats.t.cdf(t, df))
+        p_holds = float(_stats().norm.sf(t) if math.isinf(df) else _stats().t.sf(t, df))
+        p_fails = float(_stats().norm.cdf(t) if math.isinf(df) else _stats().t.cdf(t, df))
         cmp = Comparison(leaf.text, gap.value, (gap.value - half, gap.value + half), p_holds, p_fails, method,
                          df=df, n=n)
         if not self._decided(cmp):
@@ -681,7 +688,7 @@ class _Judge:
                 unit.append((w ** 2 * v, 0.0 if t.kind == "frac" else 1.0))
         total = sum(v for v, _ in unit)
         # the normal approximation is a lower bound (t quantiles exceed z ones): start the search there
-        z = float(stats.norm.ppf(1 - self.alpha) + stats.norm.ppf(POWER))
+        z = float(_stats().norm.ppf(1 - self.alpha) + _stats().norm.ppf(POWER))
         start = max(2, math.ceil(total * (z / abs(gap)) ** 2)) if total > 0 else 2
         if start > MAX_SEEDS:
             return None
@@ -710,7 +717,7 @@ def _binomial_seeds(p: float, p0: float, alpha: float) -> int | None:
     """Runs for a one-sided binomial test at alpha to tell p from p0 with POWER (normal approximation)."""
     if p == p0:
         return None
-    za, zb = stats.norm.ppf(1 - alpha), stats.norm.ppf(POWER)
+    za, zb = _stats().norm.ppf(1 - alpha), _stats().norm.ppf(POWER)
     p = min(max(p, 0.02), 0.98)
     seeds = ((za * math.sqrt(p0 * (1 - p0)) + zb * math.sqrt(p * (1 - p))) / (p - p0)) ** 2
     return min(max(2, math.ceil(seeds)), MAX_SEEDS) if seeds <= MAX_SEEDS else None
