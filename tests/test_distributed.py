@@ -13,9 +13,9 @@ GN_RUN = ["--model", "cifar_resnet20", "--norm", "gn", "--dataset", "mnist5k", "
           "--optimizer", "adam", "--lr", "3e-3", "--schedule", "cosine", "--progress", "none"]
 
 
-def torchrun(*args, nproc=2):
+def torchrun(*args, nproc=2, launcher=()):
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *launcher,
          "-m", "reslab", *args],
         capture_output=True, text=True, timeout=600,
     )
@@ -75,8 +75,11 @@ def test_resume_under_torchrun_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_sync_bn_is_refused_on_cpu_under_torchrun(tmp_path):
+    # torchrun's agent ends the other ranks once one has exited: polling every second (not 0.1 s) lets the
+    # second rank, which reaches the same check a moment later, print its line first
     done = torchrun("train", "--model", "simple_cnn", "--dataset", "synthetic:train=64,test=16,size=8,channels=1",
-                    "--batch-size", "32", "--epochs", "1", "--sync-bn", "--out", str(tmp_path / "run"))
+                    "--batch-size", "32", "--epochs", "1", "--sync-bn", "--out", str(tmp_path / "run"),
+                    launcher=("--monitor-interval", "1"))
     assert done.returncode != 0
     ours = [line for line in done.stderr.splitlines() if line.startswith("reslab: error:")]
     assert len(ours) == 2 and all("--sync-bn" in line for line in ours)  # one line from each rank
