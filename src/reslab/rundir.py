@@ -17,11 +17,13 @@ and :func:`reslab.evaluate.load_run` read them through this module alone.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from torch import nn
 
 from .config import TrainConfig, config_from_dict
 from .errors import SpecError
@@ -148,6 +150,52 @@ def read_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> d
     if not isinstance(state, dict):
         raise UnreadableRecord(file, "not a reslab checkpoint")
     return state
+
+
+# --- the run record ----------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One run, as every part of reslab sees it: what training returns, what a sweep plans and
+    finds, what reports and verdicts read, and what :func:`reslab.load_run` gives back.
+
+    ``summary`` is None while the run has not ended (a planned run, or one still
+    training); ``model`` is filled only by :func:`reslab.load_run`.
+    """
+
+    path: Path
+    config: TrainConfig
+    summary: dict[str, Any] | None = None  # summary.json
+    metrics: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl: one row per completed epoch
+    steps: list[dict[str, Any]] = field(default_factory=list)  # steps.jsonl: one row per logged interval
+    model: nn.Module | None = field(default=None, repr=False)  # built as training built it, in eval mode
+
+    @property
+    def status(self) -> str:
+        """completed, diverged or failed once the run has ended; incomplete before."""
+        return str(self.summary.get("status", "failed")) if self.summary is not None else "incomplete"
+
+    @property
+    def run_id(self) -> str:
+        """The run's name in its sweep: its directory's name."""
+        return self.path.name
+
+    @property
+    def out(self) -> Path:
+        """The run directory (the name ``reslab.train``'s result has always used)."""
+        return self.path
+
+    def value(self, name: str) -> Any:
+        """The config field ``name`` of this run (a grid axis, the seed, ...)."""
+        return getattr(self.config, name)
+
+    @classmethod
+    def read(cls, folder: str | Path) -> Run:
+        """The run in ``folder`` from its records (config, summary, metrics, steps; no model)."""
+        path = Path(folder)
+        return cls(path=path, config=read_config(path), summary=read_summary(path), metrics=read_metrics(path),
+                   steps=read_steps(path))
 
 
 # --- sweep directories -----------------------------------------------------------------------
