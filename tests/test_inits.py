@@ -15,7 +15,7 @@ from reslab.inits import (
     InitPolicy, InitRow, init_entry, init_names, init_weights, list_inits, parse_policy,
 )
 from reslab.norms import make_norm
-from reslab.normfree import model_init_names
+from reslab.inits import model_init_names
 
 # Big enough that a sample std is within ~0.2% of the true one.
 CONV_SHAPE = (128, 256, 3)       # Conv2d(128, 256, 3): fan_in 1152, fan_out 2304

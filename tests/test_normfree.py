@@ -14,7 +14,7 @@ from reslab.errors import SpecError
 from reslab.inits import init_weights
 from reslab.models import build_model
 from reslab.models.resnet import BasicBlock, Bottleneck
-from reslab.normfree import model_options_for_init
+from reslab.build import init_options as model_options_for_init
 
 BLOCKS = (BasicBlock, Bottleneck)
 
@@ -250,7 +250,8 @@ def test_lsuv_via_init_weights_reports_each_layers_final_variance():
 def test_train_with_lsuv_uses_the_first_training_batch(tmp_path):
     from reslab.config import TrainConfig
     from reslab.lsuv import lsuv_variances
-    from reslab.training import build_for, first_batch, run_dataset
+    from reslab.build import build_for, first_batch
+    from reslab.training import run_dataset
 
     cfg = TrainConfig(model="cifar_resnet20", norm="none", init="lsuv", dataset="digits", batch_size=32)
     data = run_dataset(cfg)

@@ -13,7 +13,8 @@ from reslab.datasets import dataset_names, parse_dataset_spec  # noqa: E402
 from reslab.errors import SpecError  # noqa: E402
 from reslab.convs import conv_names, resolve_conv  # noqa: E402
 from reslab.inits import init_names, parse_policy, resolve_init  # noqa: E402
-from reslab.normfree import model_init_names, model_options_for_init  # noqa: E402
+from reslab.build import init_options as model_options_for_init
+from reslab.inits import model_init_names  # noqa: E402
 from reslab.norms import make_norm, norm_names  # noqa: E402
 from reslab.optim import SCHEDULES, parse_schedule  # noqa: E402
 from reslab.specs import split_nonempty_list  # noqa: E402

@@ -8,11 +8,11 @@ keeps the cross product fast.
 import pytest
 import torch
 
+from reslab.build import build, check, init_model, model_config
 from reslab.convs import ScaledStdConv2d, StdConv2d, conv_names
 from reslab.errors import SpecError
-from reslab.inits import init_entry, init_names, init_weights, needs_batch
+from reslab.inits import init_entry, init_names, init_weights, model_init_names, needs_batch
 from reslab.models import build_model, model_input, model_names, model_options
-from reslab.normfree import model_init_names, model_options_for_init
 from reslab.norms import norm_names
 
 # One representative per family: the cross product with every norm and init.
@@ -55,17 +55,17 @@ def test_families_cover_the_registry():
 def test_model_norm_init_forward_backward(model_name, norm, init):
     x, size = _input(model_name)
     channels = x.shape[1]
+    # the same blocks, stem and shortcuts at a quarter of the width: 16x faster
+    options = {"width": 16} if model_name in IMAGENET_WIDTH else {}
+    cfg = model_config(model_name, norm=norm, init=_spec(init), model_options=options)
     if init in model_init_names() and init != "lsuv" and "branch" not in model_options(model_name):
         # fixup / skipinit / nf need residual branches: a model without them is refused, in one line
         with pytest.raises(SpecError, match=f"init '{init}' needs a model with residual branches; "
                                             f"'{model_name}' has none"):
-            model_options_for_init(model_name, init)
+            check(cfg)
         return
-    options = model_options_for_init(model_name, init)
-    if model_name in IMAGENET_WIDTH:  # the same blocks, stem and shortcuts at a quarter of the width: 16x faster
-        options["width"] = 16
-    model = build_model(model_name, num_classes=10, in_channels=channels, norm=norm, input_size=size, **options)
-    report = init_weights(model, _spec(init), seed=0, batch=x if needs_batch(_spec(init)) else None)
+    model = build(cfg, num_classes=10, in_channels=channels, input_size=size)
+    report = init_model(model, cfg, batch=x if needs_batch(cfg.init) else None)
     assert len(report) == sum(1 for _ in model.parameters())
     out = model(x)
     assert out.shape == (2, 10)

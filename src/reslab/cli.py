@@ -9,6 +9,7 @@ stderr and exit code 2; a failed run exits 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -19,7 +20,7 @@ from typing import Any, NoReturn
 
 import yaml
 
-from .config import load_config_file
+from .config import load_config_file, parse_key_values
 from .errors import SpecError
 from .fileio import require_writable_dir
 
@@ -89,7 +90,8 @@ def _list_sources() -> dict[str, Callable[[], dict[str, str]]]:
             "datasets": list_datasets, "studies": list_studies}
 
 
-@command("list", "list the models, norms, conv options, init schemes, datasets or studies reslab knows", _add_list_arguments)
+@command("list", "list the models, norms, conv options, init schemes, datasets or studies reslab knows",
+         _add_list_arguments)
 def run_list(args: argparse.Namespace) -> int:
     if args.all and args.what != "models":
         raise UsageError(f"list: --all applies to `reslab list models`, not to {args.what}")
@@ -106,35 +108,37 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 
-def _add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_flags(parser: argparse.ArgumentParser, *, skip: Sequence[str] = ()) -> None:
+    """The flags that say which model to build and how (``--norm``, ``--conv``, ``--init``, ``--stem``,
+    ``--shortcut``, ``--zero-init-residual``, ``-o KEY=VALUE``): the same as ``reslab train``'s, from
+    the same config fields.  The model itself is the command's positional argument."""
+    from .build import MODEL_FIELDS
+    from .config import TrainConfig
+
+    by_name = {f.name: f for f in fields(TrainConfig)}
     parser.add_argument("model", help="model name (see `reslab list models`), or tv:NAME for a torchvision model")
-    parser.add_argument("--norm", default="bn", help="norm spec, e.g. bn, gn, gn:16, ln, in, rms, frn, none")
-    parser.add_argument("--conv", default="default", help="convolutions: default, ws or sws (reslab list convs)")
-    parser.add_argument(
-        "--init", default="default",
-        help="init spec or policy, e.g. kaiming_normal:mode=fan_out, fixup, lsuv (see `reslab list inits`); "
-             "lsuv runs on a batch of 64 N(0,1) images of the input shape",
-    )
+    for name in MODEL_FIELDS:
+        if name != "model" and name not in skip:
+            _add_field_flag(parser, by_name[name], as_lists=False)
+
+
+def model_config_from_args(args: argparse.Namespace, **fields: Any):
+    """The config the model flags in ``args`` describe (every other field at its default)."""
+    from .build import MODEL_FIELDS, model_config
+
+    given = {name: getattr(args, name) for name in MODEL_FIELDS[1:] if hasattr(args, name)}
+    return model_config(args.model, **{**given, **fields})
+
+
+def _add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_flags(parser)
     parser.add_argument("--num-classes", type=int, default=10, help="size of the classifier output")
     parser.add_argument("--in-channels", type=int, default=None, help="input channels (default: the model's)")
     parser.add_argument("--input-size", type=int, default=None, help="input height = width (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the initialization")
-    parser.add_argument(
-        "--option", "-o", action="append", default=[], metavar="KEY=VALUE",
-        help="model option, e.g. -o stem=cifar -o shortcut=B (repeatable)",
-    )
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed for the initialization; lsuv runs on a batch of 64 N(0,1) images of the input "
+                             "shape drawn from it")
     parser.add_argument("--plot", default=None, metavar="PNG", help="also save predicted vs measured std per tensor")
-
-
-def parse_key_values(pairs: Sequence[str], what: str) -> dict[str, Any]:
-    """``["stem=cifar", "width=2"]`` -> ``{"stem": "cifar", "width": 2}`` (YAML scalars)."""
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not eq or not key.strip():
-            raise UsageError(f"malformed {what} {pair!r}: expected KEY=VALUE")
-        options[key.strip().replace("-", "_")] = yaml.safe_load(value) if value else ""
-    return options
 
 
 LSUV_INSPECT_BATCH = 64  # images of noise `reslab inspect --init lsuv` calibrates on
@@ -142,33 +146,30 @@ LSUV_INSPECT_BATCH = 64  # images of noise `reslab inspect --init lsuv` calibrat
 
 @command("inspect", "parameters, MACs per image and the per-tensor init report of a model", _add_inspect_arguments)
 def run_inspect(args: argparse.Namespace) -> int:
-    from .diagnose import count_macs, count_params, human_count
     import torch
 
-    from .inits import init_weights, needs_batch
-    from .models import build_model, model_input
-    from .normfree import model_options_for_init
+    from .build import build, init_model
+    from .diagnose import count_macs, count_params, human_count
+    from .inits import needs_batch
+    from .models import model_input
     from .norms import describe_norm_layers
 
     if args.plot:
         require_writable_dir(Path(args.plot).parent, "--plot", repr(args.plot))
-    options = parse_key_values(args.option, "model option")
-    channels, size = model_input(args.model)
+    cfg = model_config_from_args(args, seed=args.seed)
+    channels, size = model_input(cfg.model)
     channels = args.in_channels or channels
     size = args.input_size or size
-    options.update(model_options_for_init(args.model, args.init, options))
-    model = build_model(
-        args.model, num_classes=args.num_classes, in_channels=channels, norm=args.norm,
-        input_size=size, conv=args.conv, **options,
-    )
+    model = build(cfg, num_classes=args.num_classes, in_channels=channels, input_size=size)
     batch = None
-    if needs_batch(args.init):
-        batch = torch.randn(LSUV_INSPECT_BATCH, channels, size, size, generator=torch.Generator().manual_seed(args.seed))
-    report = init_weights(model, args.init, seed=args.seed, batch=batch)
+    if needs_batch(cfg.init):
+        gen = torch.Generator().manual_seed(args.seed)
+        batch = torch.randn(LSUV_INSPECT_BATCH, channels, size, size, generator=gen)
+    report = init_model(model, cfg, batch=batch)
     params = count_params(model)
     macs = count_macs(model, (channels, size, size))
-    print(f"model       {args.model}  norm={args.norm}  init={args.init}"
-          + (f"  conv={args.conv}" if args.conv != "default" else ""))
+    print(f"model       {cfg.model}  norm={cfg.norm}  init={cfg.init}"
+          + (f"  conv={cfg.conv}" if cfg.conv != "default" else ""))
     print(f"input       {channels}x{size}x{size}, {args.num_classes} classes")
     print(f"parameters  {params:,} ({human_count(params)})")
     print(f"MACs/image  {macs:,} ({human_count(macs)})")
@@ -180,39 +181,63 @@ def run_inspect(args: argparse.Namespace) -> int:
     if args.plot:
         from .plots import plot_init_report
 
-        path = plot_init_report(report, args.plot, title=f"{args.model} ({args.norm}, {args.init})")
+        path = plot_init_report(report, args.plot, title=f"{cfg.model} ({cfg.norm}, {cfg.init})")
         print(f"\nplot: {path}")
     return EXIT_OK
-
 
 
 # --- train ----------------------------------------------------------------------
 
 
+class _KeyValues(argparse.Action):
+    """``-o KEY=VALUE`` (repeatable): the pairs gathered into one mapping, later ones winning."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .config import parse_key_values
+
+        current = dict(getattr(namespace, self.dest, None) or {})
+        try:
+            current.update(parse_key_values([values], "model option"))
+        except SpecError as exc:
+            raise UsageError(str(exc)) from None
+        setattr(namespace, self.dest, current)
+
+
+def _add_field_flag(parser: argparse.ArgumentParser, f, *, as_lists: bool) -> None:
+    """The flag of one TrainConfig field (``batch_size`` -> ``--batch-size``); values stay strings
+    until ``config_from_dict`` types them."""
+    from .config import field_type
+
+    help_text = f.metadata.get("help", "")
+    if f.metadata.get("choices"):
+        help_text += f" ({', '.join(f.metadata['choices'])})"
+    default_text = "" if f.default is None or f.default is dataclasses.MISSING else f"; default {f.default}"
+    flag_name = "--" + f.name.replace("_", "-")
+    if f.metadata.get("key_values"):  # -o KEY=VALUE, the same in every command
+        parser.add_argument(*f.metadata["flags"], dest=f.name, action=_KeyValues, default=argparse.SUPPRESS,
+                            metavar="KEY=VALUE", help=help_text)
+    elif field_type(f) is bool and not as_lists:
+        parser.add_argument(flag_name, dest=f.name, action=argparse.BooleanOptionalAction,
+                            default=argparse.SUPPRESS, help=help_text + default_text)
+    elif f.metadata.get("switch") and not as_lists:  # --channels-last [auto|on|off], --no-channels-last
+        parser.add_argument(flag_name, dest=f.name, nargs="?", const="on", default=argparse.SUPPRESS,
+                            metavar="|".join(f.metadata["choices"]), help=help_text + default_text)
+        parser.add_argument("--no-" + flag_name[2:], dest=f.name, action="store_const", const="off",
+                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    else:
+        metavar = "V[,V...]" if as_lists else f.name.upper()
+        parser.add_argument(flag_name, dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
+                            help=help_text + default_text)
+
+
 def add_config_flags(parser: argparse.ArgumentParser, *, as_lists: bool = False) -> None:
-    """One flag per TrainConfig field; values stay strings until ``config_from_dict`` types them."""
-    from .config import TrainConfig, field_type
+    """One flag per TrainConfig field; with ``as_lists`` (sweeps) each takes a comma list."""
+    from .config import TrainConfig
 
     for f in fields(TrainConfig):
         if as_lists and f.name in ("resume", "out"):
             continue  # sweeps resume partial runs by themselves and name their own --out
-        help_text = f.metadata.get("help", "")
-        if f.metadata.get("choices"):
-            help_text += f" ({', '.join(f.metadata['choices'])})"
-        default_text = "" if f.default is None else f"; default {f.default}"
-        flag_name = "--" + f.name.replace("_", "-")
-        if field_type(f) is bool and not as_lists:
-            parser.add_argument(flag_name, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text + default_text)
-        elif f.metadata.get("switch") and not as_lists:  # --channels-last [auto|on|off], --no-channels-last
-            parser.add_argument(flag_name, dest=f.name, nargs="?", const="on", default=argparse.SUPPRESS,
-                                metavar="|".join(f.metadata["choices"]), help=help_text + default_text)
-            parser.add_argument("--no-" + flag_name[2:], dest=f.name, action="store_const", const="off",
-                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        else:
-            metavar = "V[,V...]" if as_lists else f.name.upper()
-            parser.add_argument(flag_name, dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
-                                help=help_text + default_text)
+        _add_field_flag(parser, f, as_lists=as_lists)
 
 
 def train_config_from_args(args: argparse.Namespace):
@@ -269,7 +294,8 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser, *, study: bool = False
                         help="runs at once (one per GPU where there are several)"
                         + ("; default: the study's" if study else "; default 1"))
     parser.add_argument("--launcher", default="local",
-                        help="where runs execute: local (this machine) or submitit (Slurm, or local processes without it)")
+                        help="where runs execute: local (this machine) or submitit (Slurm, or local processes "
+                             "without it)")
     parser.add_argument("--launcher-option", action="append", default=[], metavar="KEY=VALUE",
                         help="submitit executor parameter, e.g. slurm_partition=gpu, gpus_per_node=1 (repeatable)")
     parser.add_argument("--restart", action="store_true",
@@ -482,8 +508,8 @@ def _eval_out(out: str | None, directory: str) -> str | None:
 @command("eval", "evaluate a run's checkpoint on a split, the way training evaluated it; writes nothing "
          "into the run", _add_eval_arguments)
 def run_eval(args: argparse.Namespace) -> int:
-    from .fileio import atomic_write_json
     from .evaluate import evaluate_run
+    from .fileio import atomic_write_json
 
     out = _eval_out(args.out, args.directory)
     result = evaluate_run(args.directory, split=args.split, dataset=args.dataset,
@@ -500,12 +526,11 @@ def run_eval(args: argparse.Namespace) -> int:
 def _add_signal_arguments(parser: argparse.ArgumentParser) -> None:
     from .diagnose import DEFAULT_SIGNAL_BATCH
 
-    parser.add_argument("model", help="model name (see `reslab list models`), or tv:NAME for a torchvision model")
+    add_model_flags(parser, skip=("norm", "init"))
     parser.add_argument("--norm", default="none,bn", metavar="SPEC[,SPEC...]", help="norm specs to compare")
     parser.add_argument("--init", default="kaiming_normal,xavier_normal", metavar="SPEC[,SPEC...]",
                         help="init specs to compare (see `reslab list inits`); fixup, skipinit and nf build "
                              "their residual branches, lsuv calibrates on the batch")
-    parser.add_argument("--conv", default="default", help="convolutions: default, ws or sws (reslab list convs)")
     parser.add_argument("--dataset", default=None, metavar="SPEC",
                         help="take a real, normalized train batch from this dataset "
                              "(default: N(0,1) noise of the model's input shape, random labels)")
@@ -513,8 +538,6 @@ def _add_signal_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--download", action="store_true", help="fetch a missing torchvision dataset")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_SIGNAL_BATCH, help="images in the batch")
     parser.add_argument("--seed", type=int, default=0, help="seed for the batch, the labels and the weights")
-    parser.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
-                        help="model option, e.g. -o width=32 (repeatable)")
     parser.add_argument("--out", default=None, metavar="DIR", help="where signal.csv and signal.png go; "
                         "default signal/MODEL")
 
@@ -526,14 +549,15 @@ def run_signal(args: argparse.Namespace) -> int:
     from .fileio import atomic_write_text
     from .plots import plot_signal
 
-    options = parse_key_values(args.option, "model option")
+    cfg = model_config_from_args(args, norm="bn", init="default")  # the norms and inits compared come next
     # the default folder is named after the model, with what a file name cannot hold (tv:NAME's colon) as _
     out = Path(args.out or Path("signal") / "".join(c if c.isalnum() or c in "-_.=" else "_" for c in args.model))
     require_writable_dir(out, "--out")
     # Everything is checked and measured before anything is written.
-    rows = signal_propagation(args.model, args.norm, args.init, dataset=args.dataset, data_dir=args.data_dir,
-                              download=args.download, batch_size=args.batch_size, seed=args.seed, options=options,
-                              conv=args.conv)
+    rows = signal_propagation(cfg, args.norm, args.init, dataset=args.dataset, data_dir=args.data_dir,
+                              download=args.download, batch_size=args.batch_size, seed=args.seed)
+    options = {key: value for key, value in vars(cfg).items()
+               if key in ("stem", "shortcut") and value is not None} | cfg.model_options
     source = f"{args.dataset} train images" if args.dataset else "N(0,1) noise, random labels"
     csv_path = atomic_write_text(out / "signal.csv", signal_csv(rows))
     png_path = plot_signal(rows, out / "signal.png", xlabel=signal_unit(args.model, options),

@@ -12,6 +12,7 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -50,9 +51,13 @@ class TrainConfig:
         policy=True)
     stem: str | None = _f(None, "ResNet stem: imagenet (7x7/2 + maxpool) or cifar (3x3/1); default: the model's",
                           choices=STEMS)
-    shortcut: str | None = _f(None, "ResNet shortcut: A (zero-pad identity) or B (1x1 projection); default: the model's",
+    shortcut: str | None = _f(None, "ResNet shortcut: A (zero-pad identity) or B (1x1 projection); "
+                                    "default: the model's",
                               choices=SHORTCUTS)
     zero_init_residual: bool = _f(False, "start the last norm of each residual branch at 0 (Goyal et al. 2017)")
+    model_options: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "the model's own options (reslab list models shows them), e.g. -o width=8 -o hidden=64,32; "
+                "repeatable; in YAML a mapping", "key_values": True, "flags": ("--option", "-o")})
     # -- data --
     dataset: str = _f("mnist5k", "dataset spec (reslab list datasets), e.g. cifar10, synthetic:train=2560")
     data_dir: str | None = _f(None, "where torchvision datasets live (default $RESLAB_DATA or ~/.cache/reslab/data)")
@@ -100,24 +105,6 @@ class TrainConfig:
             self.channels_last = "on" if self.channels_last else "off"
 
     # -- derived --
-    def model_options(self) -> dict[str, Any]:
-        """The model options this config sets explicitly (None = the model's default)."""
-        options: dict[str, Any] = {}
-        if self.stem is not None:
-            options["stem"] = self.stem
-        if self.shortcut is not None:
-            options["shortcut"] = self.shortcut
-        if self.zero_init_residual or self.policy_zero_init_residual():
-            options["zero_init_residual"] = True
-        from .normfree import model_options_for_init
-
-        options.update(model_options_for_init(self.model, self.init))  # fixup/skipinit/nf: the residual branch
-        return options
-
-    def policy_zero_init_residual(self) -> bool | None:
-        """What an init policy mapping says of zero_init_residual (None: nothing)."""
-        return self.init.get("zero_init_residual") if isinstance(self.init, dict) else None
-
     def effective_lr(self) -> float:
         """The peak learning rate the run uses: ``lr``, scaled with the batch under ``lr_base_size``."""
         return self.lr if self.lr_base_size is None else self.lr * self.batch_size / self.lr_base_size
@@ -129,7 +116,9 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def validate(self) -> TrainConfig:
-        """Check every value that can be checked without data; SpecError on the first bad one."""
+        """Check every value that is a plain number or choice; SpecError on the first bad one.
+        The specs that name a model, a norm or an init are checked where they are resolved
+        (:func:`reslab.build.check`)."""
         for f in fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -157,15 +146,8 @@ class TrainConfig:
             raise SpecError(f"--val-split must be in [0, 1), got {self.val_split}")
         if not _DEVICE_RE.match(self.device):
             raise SpecError(f"unknown --device {self.device!r}; valid choices: auto, cpu, cuda, cuda:N")
-        if self.zero_init_residual and self.policy_zero_init_residual() is False:
-            raise SpecError("--zero-init-residual contradicts the init policy's zero_init_residual: false; "
-                            "drop one of the two")
         if self.resume and not self.out:
             raise SpecError("--resume needs --out DIR naming the run to continue")
-        from .convs import resolve_conv
-
-        resolve_conv(self.conv)
-        self.model_options()  # an init that needs residual branches, on a model without them
         return self
 
 
@@ -182,11 +164,13 @@ EPOCH_FREE_SCHEDULES = ("constant", "step")
 
 def normalized_init(value: Any) -> Any:
     """An init value in the one form that configs compare and save: a stripped string,
-    or a mapping with only the keys given, in InitPolicy's key order."""
+    or a mapping with only the keys given (null values dropped), in InitPolicy's key order
+    (keys it does not know last, for :func:`reslab.inits.parse_policy` to refuse)."""
     if isinstance(value, dict):
         from .inits import POLICY_KEYS
 
-        return {k: value[k] for k in POLICY_KEYS if k in value and value[k] is not None}
+        known = {k: value[k] for k in POLICY_KEYS if k in value and value[k] is not None}
+        return {**known, **{str(k): v for k, v in value.items() if k not in POLICY_KEYS}}
     return str(value).strip()
 
 
@@ -249,10 +233,39 @@ def field_type(f: dataclasses.Field) -> type:
     return tp
 
 
+def parse_key_values(pairs: Sequence[str], what: str) -> dict[str, Any]:
+    """``["stem=cifar", "width=2"]`` -> ``{"stem": "cifar", "width": 2}`` (values read as YAML scalars)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, eq, value = str(pair).partition("=")
+        if not eq or not key.strip():
+            raise SpecError(f"malformed {what} {pair!r}: expected KEY=VALUE")
+        try:
+            options[key.strip().replace("-", "_")] = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            options[key.strip().replace("-", "_")] = value
+    return options
+
+
+def _coerce_options(f: dataclasses.Field, value: Any) -> dict[str, Any]:
+    """Model options: a mapping (YAML), or ``KEY=VALUE`` pairs (``-o``, repeatable)."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        value = [value] if value.strip() else []
+    if isinstance(value, (list, tuple)):
+        value = parse_key_values(value, "model option")
+    if not isinstance(value, Mapping):
+        raise SpecError(f"bad value {value!r} for -o/--option: expected KEY=VALUE pairs or a mapping")
+    return {str(k).strip().replace("-", "_"): v for k, v in value.items()}
+
+
 def coerce(f: dataclasses.Field, value: Any) -> Any:
     """Convert a YAML or command-line value to a field's type; SpecError if it does not fit."""
     if f.metadata.get("policy"):
         return _coerce_policy(f, value)
+    if f.metadata.get("key_values"):
+        return _coerce_options(f, value)
     tp = field_type(f)
     if value is None:
         if f.default is None:
@@ -299,10 +312,7 @@ def _coerce_policy(f: dataclasses.Field, value: Any) -> str | dict[str, Any]:
     if value is None:
         raise SpecError(f"{flag(f.name)} needs a value")
     if isinstance(value, dict):
-        from .inits import parse_policy
-
-        policy = parse_policy(value)  # unknown keys, bad schemes: a SpecError now, not when the run starts
-        return normalized_init({str(k): getattr(policy, str(k)) for k in value})
+        return normalized_init({str(k): v for k, v in value.items()})  # checked by reslab.build.check
     if isinstance(value, (list, tuple, set)):
         raise SpecError(f"bad value {value!r} for {flag(f.name)}: expected a scheme string or a policy mapping")
     return normalized_init(value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .config import TrainConfig
 from .errors import SpecError
 
 if TYPE_CHECKING:
@@ -129,7 +131,8 @@ def signal_probes(model: nn.Module) -> tuple[str, list[Probe]]:
         return f"{unit} (0 = stem)", probes
     if isinstance(model, SimpleCNN):
         names = ("conv1", "conv2", "conv3")  # the 4th call of model.relu is the head's fc1: not a conv layer
-        return "conv-norm-ReLU layer (0 = conv1)", [(model.relu, lambda call: names[call] if call < len(names) else None)]
+        return "conv-norm-ReLU layer (0 = conv1)", [
+            (model.relu, lambda call: names[call] if call < len(names) else None)]
     if isinstance(model, MLP):
         relus = [m for m in model.features if isinstance(m, nn.ReLU)]
         return "hidden layer (0 = first)", [(relu, once(f"hidden{i + 1}")) for i, relu in enumerate(relus)]
@@ -149,7 +152,8 @@ def _grad_std(g: torch.Tensor) -> float:
     return float(g.detach().double().std(correction=0))
 
 
-def measure_signal(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> list[tuple[str, float, float, float, float]]:
+def measure_signal(model: nn.Module, x: torch.Tensor, labels: torch.Tensor
+                   ) -> list[tuple[str, float, float, float, float]]:
     """One forward and backward pass of ``model`` in training mode; one tuple per point.
 
     Each tuple is ``(name, act_mean, act_std, act_sq_mean, grad_std)``, in forward
@@ -206,8 +210,33 @@ def _spec_list(specs: str | Sequence[str], what: str) -> list[str]:
     return items
 
 
+def _signal_batch(model_name: str, batch: torch.Tensor | None, batch_size: int, seed: int,
+                  dataset: str | Dataset | None, data_dir: str | None, download: bool,
+                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The inputs, labels and class count :func:`signal_propagation` measures on (see there)."""
+    from .data import Dataset
+    from .datasets import load_dataset
+    from .models import model_input
+
+    gen = torch.Generator().manual_seed(seed)  # batch and labels; drawn on the CPU, so any device sees the same
+    if batch is not None:
+        if batch.dim() != 4:
+            raise SpecError(f"batch must be (N, C, H, W), got shape {tuple(batch.shape)}")
+        x = batch.float()
+        return x, torch.randint(10, (x.shape[0],), generator=gen), 10
+    if dataset is not None:
+        data = dataset if isinstance(dataset, Dataset) else load_dataset(dataset, data_dir=data_dir, download=download)
+        if batch_size > data.num_train:
+            raise SpecError(f"batch size {batch_size} is larger than the {data.num_train} train images of {data.spec}")
+        idx = torch.randperm(data.num_train, generator=gen)[:batch_size].to(data.device)
+        return data.normalize(data.train_images[idx]), data.train_labels[idx], data.num_classes  # (B, C, H, W), (B,)
+    channels, side = model_input(model_name)
+    x = torch.randn(batch_size, channels, side, side, generator=gen)  # (B, C, H, W)
+    return x, torch.randint(10, (batch_size,), generator=gen), 10
+
+
 def signal_propagation(
-    model_name: str,
+    model: str | TrainConfig,
     norms: str | Sequence[str] = ("none", "bn"),
     inits: str | Sequence[str] = ("kaiming_normal", "xavier_normal"),
     *,
@@ -223,9 +252,12 @@ def signal_propagation(
 ) -> list[SignalRow]:
     """Signal propagation at initialization for every (norm, init) combination.
 
-    Builds ``model_name`` with each norm, initializes it with each init policy
-    (``init_weights(model, init, seed=seed)``, so every norm sees the same weights),
-    and runs :func:`measure_signal` on one batch shared by all combinations:
+    ``model`` is a model name (with ``options``, the model's own options, and ``conv``)
+    or a config whose model fields say everything (``stem``, ``shortcut``,
+    ``model_options``, ...; :mod:`reslab.build`).  Builds the model with each norm,
+    initializes it with each init policy (seeded by ``seed``, so every norm sees the
+    same weights), and runs :func:`measure_signal` on one batch shared by all
+    combinations:
 
     * ``batch``: an ``(N, C, H, W)`` tensor to use as is; labels are random;
     * else ``dataset`` (a spec or a loaded :class:`~reslab.data.Dataset`): ``batch_size``
@@ -243,69 +275,45 @@ def signal_propagation(
     by building the model) before anything runs; bad ones raise :class:`SpecError`.
     Rows come combination by combination (norms outer, inits inner), points in forward order.
     """
-    from .data import Dataset
-    from .datasets import load_dataset
-    from .inits import init_weights, needs_batch, parse_policy
-    from .models import build_model, model_input
-    from .normfree import model_options_for_init
+    from .build import build, init_model, model_config
+    from .inits import needs_batch, parse_policy
 
+    base = model if isinstance(model, TrainConfig) else \
+        model_config(model, conv=conv, model_options=dict(options or {}))
     norms = _spec_list(norms, "norm")
     inits = _spec_list(inits, "init")
     for init in inits:
         parse_policy(init)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise SpecError(f"batch size must be a positive integer, got {batch_size!r}")
-    options = dict(options or {})
-
-    gen = torch.Generator().manual_seed(seed)  # batch and labels; drawn on the CPU, so any device sees the same
-    if batch is not None:
-        if batch.dim() != 4:
-            raise SpecError(f"batch must be (N, C, H, W), got shape {tuple(batch.shape)}")
-        num_classes = 10
-        x = batch.float()
-        labels = torch.randint(num_classes, (x.shape[0],), generator=gen)
-    elif dataset is not None:
-        data = dataset if isinstance(dataset, Dataset) else load_dataset(dataset, data_dir=data_dir, download=download)
-        if batch_size > data.num_train:
-            raise SpecError(f"batch size {batch_size} is larger than the {data.num_train} train images of {data.spec}")
-        num_classes = data.num_classes
-        idx = torch.randperm(data.num_train, generator=gen)[:batch_size].to(data.device)
-        x, labels = data.normalize(data.train_images[idx]), data.train_labels[idx]  # (B, C, H, W), (B,)
-    else:
-        num_classes = 10
-        channels, side = model_input(model_name)
-        x = torch.randn(batch_size, channels, side, side, generator=gen)  # (B, C, H, W)
-        labels = torch.randint(num_classes, (batch_size,), generator=gen)
+    x, labels, num_classes = _signal_batch(base.model, batch, batch_size, seed, dataset, data_dir, download)
     x, labels = x.to(device), labels.to(device)
-    shape = {"num_classes": num_classes, "in_channels": x.shape[1], "input_size": x.shape[-1]}
+    configs = [dataclasses.replace(base, norm=norm, init=init, seed=seed) for norm in norms for init in inits]
 
-    def build(norm: str, init: str) -> nn.Module:
+    def build_one(cfg: TrainConfig) -> nn.Module:
         with torch.random.fork_rng(devices=[]):  # construction draws default weights from the global RNG
-            return build_model(model_name, norm=norm, conv=conv, **shape, **options,
-                               **model_options_for_init(model_name, init, options))
+            return build(cfg, num_classes=num_classes, in_channels=x.shape[1], input_size=x.shape[-1])
 
     # Validate every norm (a gn:G that does not divide a width, ...) and init (fixup on a
     # plain net) before running any; on the meta device, which allocates and draws
     # nothing (as train.preflight does).
     with torch.device("meta"):
-        for norm in norms:
-            for init in inits:
-                build(norm, init)
+        for cfg in configs:
+            build_one(cfg)
 
     rows: list[SignalRow] = []
-    for norm in norms:
-        for init in inits:
-            model = build(norm, init).to(device)
-            init_weights(model, init, seed=seed, batch=x if needs_batch(init) else None)
-            fork = [] if torch.device(device).type == "cpu" else [torch.device(device)]
-            with torch.random.fork_rng(devices=fork):
-                torch.manual_seed(seed)  # dropout masks
-                try:
-                    points = measure_signal(model, x, labels)
-                except ValueError as exc:  # e.g. BN on one value per channel, an input the model rejects
-                    raise SpecError(f"{model_name} (norm {norm}) cannot run on a batch of shape "
-                                    f"{tuple(x.shape)}: {exc}") from None
-            rows.extend(SignalRow(norm, init, block, *point) for block, point in enumerate(points))
+    for cfg in configs:
+        model_ = build_one(cfg).to(device)
+        init_model(model_, cfg, batch=x if needs_batch(cfg.init) else None)
+        fork = [] if torch.device(device).type == "cpu" else [torch.device(device)]
+        with torch.random.fork_rng(devices=fork):
+            torch.manual_seed(seed)  # dropout masks
+            try:
+                points = measure_signal(model_, x, labels)
+            except ValueError as exc:  # e.g. BN on one value per channel, an input the model rejects
+                raise SpecError(f"{cfg.model} (norm {cfg.norm}) cannot run on a batch of shape "
+                                f"{tuple(x.shape)}: {exc}") from None
+        rows.extend(SignalRow(cfg.norm, str(cfg.init), block, *point) for block, point in enumerate(points))
     return rows
 
 

@@ -29,7 +29,7 @@ affines.  A mapping (from YAML) picks per kind::
     init: {conv: kaiming_normal:mode=fan_out, linear: normal:std=0.01,
            bias: zeros, norm: default, zero_init_residual: true}
 
-Four schemes act on the whole model rather than on one tensor (:mod:`reslab.normfree`):
+Four schemes act on the whole model rather than on one tensor (:mod:`reslab.model_inits`):
 ``fixup``, ``skipinit`` and ``nf`` (norm-free residual nets: the model is built with
 their residual branch) and ``lsuv`` (data-dependent: ``init_weights(model, "lsuv",
 batch=x)``).  Each applies a per-tensor base policy first, then its model step; the
@@ -69,18 +69,11 @@ from torch import nn
 
 from .convs import CONV_TYPES
 from .errors import SpecError
+from .model_inits import MODEL_INITS, ModelInit, apply_model_init
 from .norms import EvoNorm2dS0, FilterResponseNorm2d
-from .normfree import apply_model_init, is_model_init, list_model_inits, model_init_names, resolve_model_init
-from .registry import Registry
-from .specs import (
-    Converter,
-    bind,
-    one_of,
-    parse_spec,
-    positive_float,
-    to_bool,
-    to_float,
-)
+from .registry import REQUIRED, Registry, Resolved
+from .specs import Converter, one_of, parse_spec, positive_float, to_bool, to_float
+from .tables import format_table
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +83,6 @@ _KIND_LABELS = {"conv": "conv weights", "linear": "linear weights",
 _ALL = frozenset(KINDS)
 _WEIGHTS = frozenset({"conv", "linear"})
 _FAN = frozenset({"conv", "linear", "bias"})  # schemes that need a fan_in
-_REQUIRED = object()  # marks an argument without a default
 
 # The names torch.nn.init.calculate_gain accepts.
 NONLINEARITIES = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
@@ -146,7 +138,7 @@ class Target:
 class InitEntry:
     name: str
     description: str
-    params: dict[str, tuple[Converter, Any]]       # argument -> (converter, default or _REQUIRED)
+    params: dict[str, tuple[Converter, Any]]       # argument -> (converter, default or REQUIRED)
     apply: Callable[..., Any]                      # (target, **args): fills target.tensor via nn.init
     predict: Callable[..., float | None]           # (target, **args): the std the formula gives
     kinds: frozenset[str] = _ALL                   # tensor kinds the scheme makes sense for
@@ -168,54 +160,62 @@ class Scheme:
         return self.entry.predict(target, **self.args)
 
 
-_REGISTRY: Registry[InitEntry] = Registry("init scheme")
+# One registry for every init scheme: the per-tensor ones (InitEntry) and those that act
+# on the whole model (ModelInit: fixup, skipinit, nf, lsuv), registered at the end of
+# this module.
+_REGISTRY: Registry[InitEntry | ModelInit] = Registry("init scheme")
 
 
-def register_init(entry: InitEntry) -> InitEntry:
+def register_init(entry: InitEntry | ModelInit) -> InitEntry | ModelInit:
     return _REGISTRY.register(entry.name, entry)
 
 
 def resolve_init(spec: str) -> Scheme:
-    """Parse and validate one scheme spec such as ``kaiming_normal:mode=fan_out``."""
-    parsed = parse_spec(spec, "init spec")
-    if parsed.name in model_init_names():
-        raise SpecError(f"init {parsed.text!r} initializes a whole model, not one kind of tensor; give it as the "
-                        f"init itself (--init {parsed.text}) or as the policy's 'model' key")
-    entry = _REGISTRY.lookup(parsed.name)
-    bound = bind(parsed, {key: conv for key, (conv, _) in entry.params.items()}, "init scheme")
-    args = {key: bound.get(key, default) for key, (_, default) in entry.params.items()}
-    missing = [key for key, value in args.items() if value is _REQUIRED]
-    if missing:
-        raise SpecError(f"init scheme {entry.name!r} needs argument {missing[0]!r}, "
-                        f"e.g. '{entry.name}:{missing[0]}=0.5'")
-    problem = entry.check(**args) if entry.check else None
-    if problem:
-        raise SpecError(f"bad arguments in init spec {parsed.text!r}: {problem}")
-    return Scheme(entry, args, parsed.text)
+    """Parse and validate one per-tensor scheme spec such as ``kaiming_normal:mode=fan_out``."""
+    resolved = _REGISTRY.resolve(parse_spec(spec, "init spec"))
+    if isinstance(resolved.entry, ModelInit):
+        raise SpecError(f"init {resolved.text!r} initializes a whole model, not one kind of tensor; give it as "
+                        f"the init itself (--init {resolved.text}) or as the policy's 'model' key")
+    return Scheme(resolved.entry, resolved.args, resolved.text)
+
+
+def is_model_init(spec: Any) -> bool:
+    """Whether ``spec`` (an init string) names a whole-model scheme (fixup, skipinit, nf, lsuv)."""
+    if not isinstance(spec, str):
+        return False
+    return isinstance(_REGISTRY.get(spec.partition(":")[0].strip()), ModelInit)
+
+
+def resolve_model_init(spec: str) -> Resolved[ModelInit]:
+    """Parse and check a whole-model scheme: ``fixup``, ``nf:alpha=0.2``, ``lsuv:tol=0.05,max_iter=20`` ..."""
+    resolved = _REGISTRY.resolve(parse_spec(spec, "init spec"))
+    if not isinstance(resolved.entry, ModelInit):
+        raise SpecError(f"init {resolved.text!r} is not a whole-model scheme; valid choices: "
+                        f"{', '.join(model_init_names())}")
+    return resolved
 
 
 def list_inits() -> dict[str, str]:
-    """Every scheme name with a one-line description and its arguments."""
-    def show(key: str, default: Any) -> str:
-        if default is _REQUIRED:
-            return key
-        return f"{key}={default:g}" if isinstance(default, float) else f"{key}={default}"
-
-    out = {}
-    for name, entry in _REGISTRY.items():
-        args = ", ".join(show(key, default) for key, (_, default) in entry.params.items())
-        out[name] = entry.description + (f" (args: {args})" if args else "")
-    out.update({name: f"[whole model] {text}" for name, text in list_model_inits().items()})
-    return out
+    """Every scheme name with a one-line description and its arguments; whole-model ones say so."""
+    return {name: f"[whole model] {text}" if isinstance(_REGISTRY[name], ModelInit) else text
+            for name, text in _REGISTRY.describe().items()}
 
 
 def init_names() -> list[str]:
     """Every init name: the per-tensor schemes, then the whole-model ones (fixup, skipinit, nf, lsuv)."""
-    return [*_REGISTRY, *model_init_names()]
+    return list(_REGISTRY)
+
+
+def model_init_names() -> list[str]:
+    """The whole-model schemes: fixup, skipinit, nf, lsuv."""
+    return [name for name, entry in _REGISTRY.items() if isinstance(entry, ModelInit)]
 
 
 def init_entry(name: str) -> InitEntry:
-    return _REGISTRY.lookup(name)
+    entry = _REGISTRY.lookup(name)
+    if isinstance(entry, ModelInit):
+        raise SpecError(f"init {name!r} initializes a whole model, not one kind of tensor")
+    return entry
 
 
 # --- scheme implementations -------------------------------------------------
@@ -312,7 +312,7 @@ for _entry in (
               {}, _default_apply, _default_std, kinds=_FAN),
     InitEntry("zeros", "all zeros", {}, lambda t: nn.init.zeros_(t.tensor), _zero_std),
     InitEntry("ones", "all ones", {}, lambda t: nn.init.ones_(t.tensor), _zero_std),
-    InitEntry("constant", "every value = val, e.g. constant:0.5", {"val": (to_float, _REQUIRED)},
+    InitEntry("constant", "every value = val, e.g. constant:0.5", {"val": (to_float, REQUIRED)},
               lambda t, val: nn.init.constant_(t.tensor, val), _zero_std),
     InitEntry("uniform", "U(a, b)", {"a": (to_float, 0.0), "b": (to_float, 1.0)},
               lambda t, a, b: nn.init.uniform_(t.tensor, a, b),
@@ -348,6 +348,8 @@ for _entry in (
               lambda t: nn.init.normal_(t.tensor, 0.0, _rule_bound(t)), _rule_bound, kinds=_FAN),
 ):
     register_init(_entry)
+for _entry in MODEL_INITS:
+    register_init(_entry)
 
 
 # --- policy -------------------------------------------------------------------
@@ -363,7 +365,7 @@ class InitPolicy:
     # zero each residual branch's last norm scale (Goyal et al. 2017); None: as the model was
     # built (a ResNet built with zero_init_residual=True keeps those scales at zero)
     zero_init_residual: bool | None = None
-    # a whole-model scheme applied after the per-tensor ones: fixup, skipinit, nf, lsuv (reslab.normfree)
+    # a whole-model scheme applied after the per-tensor ones: fixup, skipinit, nf, lsuv (reslab.model_inits)
     model: str | None = None
 
     def __post_init__(self) -> None:
@@ -382,7 +384,7 @@ class InitPolicy:
                 continue
             scheme = resolve_init(value)
             if key not in scheme.entry.kinds:
-                valid = ", ".join(sorted(n for n, e in _REGISTRY.items() if key in e.kinds))
+                valid = ", ".join(sorted(n for n, e in _REGISTRY.items() if key in getattr(e, "kinds", ())))
                 hint = (f"; give a policy mapping to choose it for {', '.join(sorted(scheme.entry.kinds))} only, "
                         f"e.g. {{'{min(scheme.entry.kinds)}': '{value}'}}" if key in _WEIGHTS else "")
                 raise SpecError(f"init scheme {value!r} cannot initialize {_KIND_LABELS[key]}; "
@@ -469,19 +471,16 @@ class InitReport:
 
     def format_table(self) -> str:
         """An aligned text table, one line per tensor; stds to 4 significant digits."""
-        header: tuple[str, ...] = ("path", "kind", "shape", "fan_in", "fan_out", "scheme", "std_pred", "std_meas")
-        cells = [(r.path, r.kind, "x".join(map(str, r.shape)) or "()", _sig(r.fan_in), _sig(r.fan_out),
-                  r.scheme, _sig(r.std_predicted), _sig(r.std_measured)) for r in self.rows]
-        right = {3, 4, 6, 7}  # numbers align right
+        header = ["path", "kind", "shape", "fan_in", "fan_out", "scheme", "std_pred", "std_meas"]
+        cells = [[r.path, r.kind, "x".join(map(str, r.shape)) or "()", _sig(r.fan_in), _sig(r.fan_out),
+                  r.scheme, _sig(r.std_predicted), _sig(r.std_measured)] for r in self.rows]
+        right = [False, False, False, True, True, False, True, True]  # numbers align right
         if any(r.output_var is not None for r in self.rows):  # LSUV: each layer's final output variance
-            header = (*header, "out_var")
-            cells = [(*c, _sig(r.output_var)) for c, r in zip(cells, self.rows)]
-            right.add(8)
-        widths = [max(len(row[i]) for row in (header, *cells)) for i in range(len(header))]
-        lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w)
-                           for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in (header, *cells)]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+            header.append("out_var")
+            for row, r in zip(cells, self.rows, strict=True):
+                row.append(_sig(r.output_var))
+            right.append(True)
+        return format_table(header, cells, right=right)
 
     def __str__(self) -> str:
         return self.format_table()
@@ -576,7 +575,7 @@ def init_weights(model: nn.Module, spec: str | Mapping[str, Any] | InitPolicy = 
 
     ``spec`` is a scheme string for conv and linear weights (biases zero unless
     it is ``default``; norm scales one, shifts zero), a whole-model scheme
-    (``fixup``, ``skipinit``, ``nf``, ``lsuv``; :mod:`reslab.normfree`) or a policy
+    (``fixup``, ``skipinit``, ``nf``, ``lsuv``; :mod:`reslab.model_inits`) or a policy
     mapping, see :class:`InitPolicy`.  ``batch``: training inputs, for ``lsuv``.
     With ``seed`` or ``generator`` the result is reproducible and the global RNG
     is left untouched.
@@ -608,7 +607,7 @@ def init_weights(model: nn.Module, spec: str | Mapping[str, Any] | InitPolicy = 
             if text is not None:
                 resolve(text).apply(target)
         zeroed = _zero_init_residual(model) if wants_zero_init_residual(model, policy) else set()
-        notes = apply_model_init(model, policy.model, batch) if policy.model else {}
+        notes = apply_model_init(model, resolve_model_init(policy.model), batch) if policy.model else {}
 
     rows = []
     for path, t, text in plan:
@@ -630,6 +629,7 @@ def init_weights(model: nn.Module, spec: str | Mapping[str, Any] | InitPolicy = 
 
 __all__ = [
     "KINDS", "NONLINEARITIES", "POLICY_KEYS", "InitEntry", "InitPolicy", "InitReport", "InitRow",
-    "Scheme", "Target", "fans", "init_entry", "init_names", "init_weights", "list_inits",
-    "parse_policy", "register_init", "resolve_init", "wants_zero_init_residual",
+    "Scheme", "Target", "fans", "init_entry", "init_names", "init_weights", "is_model_init", "list_inits",
+    "model_init_names", "parse_policy", "register_init", "resolve_init", "resolve_model_init",
+    "wants_zero_init_residual",
 ]

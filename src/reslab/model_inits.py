@@ -19,9 +19,10 @@ scheme       base policy (conv / linear)             model step
                                                      is 1 within ``tol`` (at most ``max_iter``)
 ============ ======================================= =============================================
 
-``fixup``, ``skipinit`` and ``nf`` need blocks that carry their scalars, so the model is
-*built* for them: :func:`model_options_for_init` gives the ResNet options (``branch``,
-``alpha``) that ``reslab train``, ``signal`` and ``inspect`` pass to ``build_model``.
+They are entries of the one init registry in :mod:`reslab.inits` (``reslab list inits``
+marks them ``[whole model]``).  ``fixup``, ``skipinit`` and ``nf`` need blocks that carry
+their scalars, so the model is *built* for them: :func:`reslab.build.model_options` gives
+the ResNet options (``branch``, ``alpha``) every command passes to ``build_model``.
 A model without residual branches (plain nets, ``mlp``, ``simple_cnn``, ``tv:`` models)
 cannot take them: a SpecError says so.
 
@@ -32,7 +33,7 @@ References: Zhang, Dauphin & Ma 2019 (arXiv 1901.09321); De & Smith 2020 (arXiv
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,8 +42,8 @@ from torch import nn
 
 from .errors import SpecError
 from .lsuv import DEFAULT_MAX_ITER, DEFAULT_TOL, check_lsuv_args, lsuv_init
-from .registry import Registry
-from .specs import Spec, bind, parse_spec, positive_float, to_float, to_int
+from .registry import Resolved
+from .specs import positive_float, to_float, to_int
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class Note:
 
 @dataclass(frozen=True)
 class ModelInit:
+    """A whole-model init scheme: an entry of the one init registry (:mod:`reslab.inits`)."""
+
     name: str
     description: str
     params: dict[str, tuple[Callable[[str], Any], Any]]  # argument -> (converter, default)
@@ -68,92 +71,13 @@ class ModelInit:
     apply: Callable[..., dict[int, Note]]  # (model, batch, **args) -> notes by id(tensor)
     branch: str | None = None  # the ResNet branch the model must be built with
     needs_batch: bool = False
-    check: Callable[..., None] | None = None  # (**args): one-line SpecError on bad arguments
+    check: Callable[..., str | None] | None = None  # (**args): one-line SpecError on bad arguments
     options: Callable[..., dict[str, Any]] = field(default=lambda **_: {})  # (**args) -> extra model options
 
 
-_REGISTRY: Registry[ModelInit] = Registry("init scheme")
-
-
-def model_init_names() -> list[str]:
-    return list(_REGISTRY)
-
-
-def is_model_init(spec: Any) -> bool:
-    """Whether ``spec`` (an init string) names a whole-model scheme."""
-    if not isinstance(spec, str):
-        return False
-    name = spec.partition(":")[0].strip()
-    return name in _REGISTRY
-
-
-@dataclass(frozen=True)
-class ResolvedModelInit:
-    entry: ModelInit
-    args: dict[str, Any]
-    text: str
-
-
-def resolve_model_init(spec: str | Spec) -> ResolvedModelInit:
-    """Parse and check ``fixup``, ``nf:alpha=0.2``, ``lsuv:tol=0.05,max_iter=20`` ..."""
-    parsed = spec if isinstance(spec, Spec) else parse_spec(spec, "init spec")
-    entry = _REGISTRY.lookup(parsed.name)
-    bound = bind(parsed, {key: conv for key, (conv, _) in entry.params.items()}, "init scheme")
-    args = {key: bound.get(key, default) for key, (_, default) in entry.params.items()}
-    if entry.check is not None:
-        entry.check(**args)
-    return ResolvedModelInit(entry, args, parsed.text or parsed.name)
-
-
-def list_model_inits() -> dict[str, str]:
-    def show(key: str, default: Any) -> str:
-        return f"{key}={default:g}" if isinstance(default, float) else f"{key}={default}"
-
-    out = {}
-    for name, entry in _REGISTRY.items():
-        args = ", ".join(show(key, default) for key, (_, default) in entry.params.items())
-        out[name] = entry.description + (f" (args: {args})" if args else "")
-    return out
-
-
-# --- building the model for a scheme -------------------------------------------
-
-def _residual_models() -> list[str]:
-    from .models import model_names, model_options
-
-    return [name for name in model_names() if "branch" in model_options(name)]
-
-
-def model_options_for_init(model_name: str, init: Any, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The model options ``init`` needs (``{"branch": "fixup"}``, ...), checked against ``model_name``.
-
-    Empty for every other init.  A model without residual branches, or options that say
-    another branch, is a one-line SpecError.
-    """
-    spec = init.get("model") if isinstance(init, Mapping) else init
-    if not is_model_init(spec):
-        return {}
-    resolved = resolve_model_init(spec)
-    branch = resolved.entry.branch
-    if branch is None:
-        return {}
-    from .models import model_options
-
-    if "branch" not in model_options(model_name):
-        raise SpecError(f"init {resolved.text!r} needs a model with residual branches; {model_name!r} has none "
-                        f"(valid models: {', '.join(_residual_models())})")
-    wanted = {"branch": branch, **resolved.entry.options(**resolved.args)}
-    for key, value in wanted.items():
-        given = (options or {}).get(key)
-        if given is not None and str(given) != str(value):
-            raise SpecError(f"init {resolved.text!r} builds the model with {key}={value}, but the model options "
-                            f"say {key}={given}; drop one of the two")
-    return wanted
-
-
-def apply_model_init(model: nn.Module, spec: str, batch: torch.Tensor | None = None) -> dict[int, Note]:
-    """The model step of ``spec`` on ``model`` (after its base policy); notes by ``id(tensor)``."""
-    resolved = resolve_model_init(spec)
+def apply_model_init(model: nn.Module, resolved: Resolved[ModelInit], batch: torch.Tensor | None = None
+                     ) -> dict[int, Note]:
+    """The model step of a resolved scheme on ``model`` (after its base policy); notes by ``id(tensor)``."""
     entry = resolved.entry
     if entry.needs_batch and batch is None:
         raise SpecError(f"init {resolved.text!r} needs a batch of training inputs: init_weights(model, "
@@ -254,24 +178,24 @@ def _alpha(value: str) -> float:
 
 _HE_RELU = "kaiming_normal:mode=fan_out,nonlinearity=relu"
 
-for _entry in (
+MODEL_INITS = (
     ModelInit("fixup", "Fixup (Zhang et al. 2019): branch convs He x L^(-1/(2m-2)), last conv and classifier 0, "
-                       "scalar biases and multipliers; for --norm none on a residual ResNet",
+                       "scalar biases and multipliers; made for --norm none on a residual ResNet (with a norm it "
+                       "still builds: the norms undo the branch scaling, the zero last conv stays)",
               {}, {"conv": _HE_RELU, "linear": "zeros"}, _fixup, branch="fixup"),
     ModelInit("skipinit", "SkipInit (De & Smith 2020): He convs, a learnable scalar gain 0 at the end of each "
-                          "residual branch; for --norm none on a residual ResNet",
+                          "residual branch; made for --norm none on a residual ResNet (with a norm it still builds)",
               {}, {"conv": _HE_RELU, "linear": "default"}, _skipinit, branch="skipinit"),
     ModelInit("nf", "NF-ResNet (Brock et al. 2021): x + alpha*f(relu(x)/beta), beta the expected std of the "
-                    "block input, convs with scaled weight standardization; for --norm none on a residual ResNet",
+                    "block input, convs with scaled weight standardization; made for --norm none on a residual "
+                    "ResNet (with a norm it still builds)",
               {"alpha": (_alpha, 0.2)}, {"conv": "kaiming_normal:nonlinearity=linear", "linear": "normal:std=0.01"},
               _nf, branch="nf", options=lambda alpha: {"alpha": alpha}),
     ModelInit("lsuv", "LSUV (Mishkin & Matas 2016): orthogonal, then each conv/linear rescaled until its output "
                       "variance on the first training batch is 1 within tol",
               {"tol": (to_float, DEFAULT_TOL), "max_iter": (to_int, DEFAULT_MAX_ITER)},
               {"conv": "orthogonal", "linear": "orthogonal"}, _lsuv, needs_batch=True, check=check_lsuv_args),
-):
-    _REGISTRY.register(_entry.name, _entry)
+)
 
 
-__all__ = ["ModelInit", "Note", "apply_model_init", "is_model_init", "list_model_inits", "model_init_names",
-           "model_options_for_init", "resolve_model_init"]
+__all__ = ["MODEL_INITS", "ModelInit", "Note", "apply_model_init"]

@@ -1,0 +1,154 @@
+"""From names to an initialized model: the one path every command takes.
+
+``reslab train``, ``eval``, ``inspect``, ``signal``, sweeps, studies, the
+benchmarks and the tests all build a model here, from the model fields of a
+:class:`~reslab.config.TrainConfig` (``model``, ``norm``, ``conv``, ``init``,
+``stem``, ``shortcut``, ``zero_init_residual`` and ``model_options``, the
+``-o KEY=VALUE`` flags)::
+
+    cfg = TrainConfig(model="cifar_resnet20", norm="gn", init="fixup", model_options={"width": 8})
+    model = build(cfg, num_classes=10, in_channels=1, input_size=28)   # built, not initialized
+    report = init_model(model, cfg)                                     # cfg.init, seeded by cfg.seed
+
+This is the only module that knows an init may change the architecture:
+``fixup``, ``skipinit`` and ``nf`` need residual blocks that carry their scalars
+(:mod:`reslab.model_inits`), so :func:`model_options` adds the ResNet options
+(``branch``, ``alpha``) they need, and refuses a model without residual branches
+in one line.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .convs import resolve_conv
+from .data import Dataset
+from .errors import SpecError
+from .inits import InitReport, init_weights, is_model_init, needs_batch, parse_policy, resolve_model_init
+from .models import build_model, model_input, model_names
+from .models import model_options as accepted_options
+from .norms import norm_factory
+
+log = logging.getLogger(__name__)
+
+# The config fields that say which model to build and how to initialize it; every
+# command that builds a model takes a flag for each (``reslab train``, ``inspect``, ``signal``).
+MODEL_FIELDS = ("model", "norm", "conv", "init", "stem", "shortcut", "zero_init_residual", "model_options")
+
+
+def _residual_models() -> list[str]:
+    return [name for name in model_names() if "branch" in accepted_options(name)]
+
+
+def init_options(model_name: str, init: Any, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The model options ``init`` needs (``{"branch": "fixup"}``, ``{"branch": "nf", "alpha": 0.2}``).
+
+    Empty for an init that fills tensors only.  A model without residual branches, or
+    ``options`` that say another branch, is a one-line SpecError.
+    """
+    spec = init.get("model") if isinstance(init, Mapping) else init
+    if not is_model_init(spec):
+        return {}
+    resolved = resolve_model_init(spec)
+    if resolved.entry.branch is None:
+        return {}
+    if "branch" not in accepted_options(model_name):
+        raise SpecError(f"init {resolved.text!r} needs a model with residual branches; {model_name!r} has none "
+                        f"(valid models: {', '.join(_residual_models())})")
+    wanted = {"branch": resolved.entry.branch, **resolved.entry.options(**resolved.args)}
+    for key, value in wanted.items():
+        given = (options or {}).get(key)
+        if given is not None and str(given) != str(value):
+            raise SpecError(f"init {resolved.text!r} builds the model with {key}={value}, but the model options "
+                            f"say {key}={given}; drop one of the two")
+    return wanted
+
+
+def model_options(cfg: TrainConfig) -> dict[str, Any]:
+    """Every model option ``cfg`` sets: ``-o KEY=VALUE``, the ResNet flags, and what its init needs."""
+    options = dict(cfg.model_options)
+    policy_zero = cfg.init.get("zero_init_residual") if isinstance(cfg.init, Mapping) else None
+    flags = {"stem": cfg.stem, "shortcut": cfg.shortcut,
+             "zero_init_residual": True if cfg.zero_init_residual or policy_zero else None}
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key in options and str(options[key]).lower() != str(value).lower():
+            raise SpecError(f"--{key.replace('_', '-')} {value} contradicts -o {key}={options[key]}; "
+                            "drop one of the two")
+        options[key] = value
+    if cfg.zero_init_residual and policy_zero is False:
+        raise SpecError("--zero-init-residual contradicts the init policy's zero_init_residual: false; "
+                        "drop one of the two")
+    options.update(init_options(cfg.model, cfg.init, options))
+    return options
+
+
+def check(cfg: TrainConfig) -> None:
+    """Check the model fields of ``cfg`` without building anything: norm, conv, init and the options
+    an init needs (fixup on a plain net is refused here).  A one-line SpecError on the first bad one."""
+    norm_factory(cfg.norm)
+    resolve_conv(cfg.conv)
+    parse_policy(cfg.init)
+    model_options(cfg)
+
+
+def build(cfg: TrainConfig, *, num_classes: int = 10, in_channels: int | None = None,
+          input_size: int | None = None) -> nn.Module:
+    """The model ``cfg`` names, built with every option it sets, not yet initialized.
+
+    ``in_channels`` and ``input_size`` default to the model's natural input
+    (:func:`reslab.models.model_input`).  Construction draws the modules' default
+    weights from the global RNG, as ``nn.Module`` constructors do.
+    """
+    channels, side = model_input(cfg.model)
+    return build_model(cfg.model, num_classes=num_classes, in_channels=in_channels or channels, norm=cfg.norm,
+                       input_size=input_size or side, conv=cfg.conv, **model_options(cfg))
+
+
+def init_model(model: nn.Module, cfg: TrainConfig, *, batch: torch.Tensor | None = None) -> InitReport:
+    """Initialize ``model`` by ``cfg.init``, seeded by ``cfg.seed``; one report row per tensor.
+
+    A data-dependent init (``lsuv``) needs ``batch``, the inputs it calibrates on.
+    """
+    report = init_weights(model, cfg.init, seed=cfg.seed, batch=batch)
+    variances = [row.output_var for row in report if row.output_var is not None]
+    if variances:
+        log.info("init %s: output variance of %d layers on the first batch in [%.3f, %.3f]",
+                 cfg.init, len(variances), min(variances), max(variances))
+    return report
+
+
+def first_batch(cfg: TrainConfig, data: Dataset) -> torch.Tensor:
+    """The run's first training batch (all of it, whatever the world size), on the CPU."""
+    x, _ = next(iter(data.train_batches(cfg.batch_size, epoch=0, seed=cfg.seed)))
+    return x.cpu()  # (B, C, H, W) normalized and augmented, exactly as step 1 sees it
+
+
+def build_for(cfg: TrainConfig, data: Dataset, *, initialize: bool = True) -> nn.Module:
+    """The model of a run of ``cfg`` on ``data``: sized for it and initialized by ``cfg.init`` (on the
+    CPU, NCHW).  A data-dependent init sees the run's first training batch.
+    ``initialize=False`` only builds it, for weights loaded afterwards."""
+    model = build(cfg, num_classes=data.num_classes, in_channels=data.in_channels, input_size=data.image_size)
+    if initialize:
+        init_model(model, cfg, batch=first_batch(cfg, data) if needs_batch(cfg.init) else None)
+    return model
+
+
+def model_config(model: str, **fields: Any) -> TrainConfig:
+    """A config that names a model and how to build it (every other field at its default):
+    ``model_config("cifar_resnet20", norm="gn", model_options={"width": 8})``.  Values are
+    typed as the config's flags are (``"true"`` -> True); unknown fields are a SpecError."""
+    from .config import config_from_dict
+
+    return config_from_dict({"model": model, **fields})
+
+
+__all__ = ["MODEL_FIELDS", "build", "build_for", "check", "first_batch", "init_model", "init_options",
+           "model_config", "model_options"]
