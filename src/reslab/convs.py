@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -31,7 +31,7 @@ from torch.nn.utils import parametrize
 
 from .errors import SpecError
 from .registry import Registry
-from .specs import Converter, Spec, bind, parse_spec, positive_float, to_float
+from .specs import Converter, Spec, positive_float, to_float
 from .swap import find_layers, put_in, raise_failures
 
 ConvFactory = Callable[..., nn.Conv2d]
@@ -157,9 +157,9 @@ def gamma_value(value: str) -> float:
 class ConvEntry:
     name: str
     description: str
-    params: dict[str, Converter]
-    cls: type[nn.Conv2d]                                     # nn.Conv2d for ``default``
-    defaults: dict[str, Any] = field(default_factory=dict)  # every param's value when the spec leaves it out
+    params: dict[str, tuple[Converter, Any]]  # argument -> (converter, default)
+    cls: type[nn.Conv2d]                      # nn.Conv2d for ``default``; built with every argument
+    check: Callable[..., str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -191,22 +191,20 @@ register_conv(ConvEntry(
     "default", "the model's own convolutions, untouched (nn.Conv2d when a model builds them)", {}, nn.Conv2d,
 ))
 register_conv(ConvEntry(
-    "ws", "Weight Standardization (Qiao et al. 2019): weight standardized per output channel; ws:eps=1e-6",
-    {"eps": positive_float}, StdConv2d, {"eps": WS_EPS},
+    "ws", "Weight Standardization (Qiao et al. 2019): weight standardized per output channel",
+    {"eps": (positive_float, WS_EPS)}, StdConv2d,
 ))
 register_conv(ConvEntry(
     "sws", "Scaled WS (Brock et al. 2021, NF-ResNets): gain * gamma * standardized weight / sqrt(fan_in); "
-           "sws:gamma=relu (default, 1.7129), linear (1) or a number; eps=1e-6",
-    {"gamma": gamma_value, "eps": positive_float}, ScaledStdConv2d, {"gamma": RELU_GAMMA, "eps": WS_EPS},
+           "gamma=relu (the default, sqrt(2 / (1 - 1/pi)) = 1.71286), linear (1) or a positive number",
+    {"gamma": (gamma_value, RELU_GAMMA), "eps": (positive_float, WS_EPS)}, ScaledStdConv2d,
 ))
 
 
 def resolve_conv(spec: str | Spec) -> ConvChoice:
     """Validate a conv spec: its class and every argument, defaults filled in; a one-line SpecError if bad."""
-    parsed = spec if isinstance(spec, Spec) else parse_spec(spec, "conv spec")
-    entry = _REGISTRY.lookup(parsed.name, parsed.text or parsed.name)
-    kwargs = {**entry.defaults, **bind(parsed, entry.params, "conv")}
-    return ConvChoice(entry.name, parsed.text or parsed.name, entry.cls, kwargs)
+    resolved = _REGISTRY.resolve(spec)
+    return ConvChoice(resolved.name, resolved.text, resolved.entry.cls, resolved.args)
 
 
 def conv_factory(spec: str | Spec) -> ConvFactory:
@@ -220,8 +218,8 @@ def conv_factory(spec: str | Spec) -> ConvFactory:
 
 
 def list_convs() -> dict[str, str]:
-    """Every conv name with a one-line description."""
-    return {name: entry.description for name, entry in _REGISTRY.items()}
+    """Every conv name with a one-line description and its arguments' defaults."""
+    return _REGISTRY.describe()
 
 
 def conv_names() -> list[str]:

@@ -61,18 +61,17 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import SpecError
-from .registry import Registry
+from .registry import Registry, Resolved
 from .specs import (
     Converter,
     Spec,
-    bind,
-    parse_spec,
     nonnegative_float,
     positive_float,
     positive_int,
@@ -269,12 +268,13 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         self.running_var.lerp_(variances.mean(0).to(self.running_var.dtype), factor)
 
 
-def check_renorm_limits(r_max: float, d_max: float) -> None:
-    """Batch Renormalization's clips: ``r_max >= 1`` and ``d_max >= 0``, or a one-line SpecError."""
+def renorm_limits_problem(r_max: float, d_max: float) -> str | None:
+    """What is wrong with Batch Renormalization's clips (``r_max >= 1``, ``d_max >= 0``), or None."""
     if not r_max >= 1.0:
-        raise SpecError(f"norm 'brn:r_max={r_max:g}': r_max must be at least 1 (1 = no renormalization)")
+        return "r_max must be at least 1 (1 = no renormalization)"
     if not d_max >= 0.0:
-        raise SpecError(f"norm 'brn:d_max={d_max:g}': d_max must be at least 0 (0 = no renormalization)")
+        return "d_max must be at least 0 (0 = no renormalization)"
+    return None
 
 
 class BatchRenorm2d(nn.BatchNorm2d):
@@ -298,7 +298,9 @@ class BatchRenorm2d(nn.BatchNorm2d):
     def __init__(self, num_features: int, r_max: float = 3.0, d_max: float = 5.0, eps: float = 1e-5,
                  momentum: float | None = 0.1):
         super().__init__(num_features, eps=eps, momentum=momentum)
-        check_renorm_limits(r_max, d_max)
+        problem = renorm_limits_problem(r_max, d_max)
+        if problem:
+            raise SpecError(f"norm 'brn:r_max={r_max:g},d_max={d_max:g}': {problem}")
         self.r_max, self.d_max = float(r_max), float(d_max)
 
     def extra_repr(self) -> str:
@@ -439,28 +441,24 @@ class EvoNorm2dS0(_FusedActivationNorm):
 class NormEntry:
     name: str
     description: str
-    params: dict[str, Converter]
-    build: Callable[..., nn.Module]  # (num_channels, **bound args) -> module
-    # checks the bound args once, before any layer is built (conflicting arguments)
-    check: Callable[[Spec, dict], None] | None = None
+    params: dict[str, tuple[Converter, Any]]  # argument -> (converter, default): the one place defaults live
+    build: Callable[..., nn.Module]  # (num_channels, **every argument) -> module
+    # the arguments together, once, before any layer is built: a problem (conflicting arguments) or None
+    check: Callable[..., str | None] | None = None
     # build takes ``act``: the layer may fuse the activation that follows it (see norm_activates)
     fuses_activation: bool = False
 
 
-def _check_groups(name: str) -> Callable[[Spec, dict], None]:
+def _groups_check(name: str) -> Callable[..., str | None]:
     """The check of a grouped norm spec (``gn``, ``evonorm``): groups or cpg, not both."""
 
-    def check(spec: Spec, kwargs: dict) -> None:
-        if "groups" in kwargs and "cpg" in kwargs:
-            raise SpecError(
-                f"norm {spec.text or spec.name!r} sets both groups={kwargs['groups']} and cpg={kwargs['cpg']}; "
-                f"give one: {name}:groups=G (G groups) or {name}:cpg=N (N channels per group), or plain {name}"
-            )
+    def check(groups: int | None = None, cpg: int | None = None, **_: Any) -> str | None:
+        if groups is not None and cpg is not None:
+            return (f"sets both groups={groups} and cpg={cpg}; give one: {name}:groups=G (G groups) or "
+                    f"{name}:cpg=N (N channels per group), or plain {name}")
+        return None
 
     return check
-
-
-_check_gn = _check_groups("gn")
 
 
 def resolve_groups(num_channels: int, groups: int | None = None, cpg: int | None = None, name: str = "gn") -> int:
@@ -469,8 +467,9 @@ def resolve_groups(num_channels: int, groups: int | None = None, cpg: int | None
     ``groups`` G exactly, ``cpg`` = C/N groups of N channels, neither = :func:`gn_groups`.  A count
     that does not divide the channels is a one-line SpecError naming the spec and the valid divisors.
     """
-    if groups is not None and cpg is not None:
-        _check_groups(name)(Spec(name), {"groups": groups, "cpg": cpg})
+    problem = _groups_check(name)(groups, cpg)
+    if problem:
+        raise SpecError(f"norm {name!r} {problem}")
     if cpg is not None:
         if num_channels % cpg != 0:
             raise SpecError(
@@ -490,14 +489,25 @@ def resolve_groups(num_channels: int, groups: int | None = None, cpg: int | None
     return groups
 
 
-def _build_gn(num_channels: int, groups: int | None = None, cpg: int | None = None,
-              eps: float = 1e-5) -> nn.Module:
+def _build_gn(num_channels: int, *, groups: int | None, cpg: int | None, eps: float) -> nn.Module:
     return nn.GroupNorm(resolve_groups(num_channels, groups, cpg, "gn"), num_channels, eps=eps)
 
 
-def _build_evonorm(num_channels: int, groups: int | None = None, cpg: int | None = None, eps: float = 1e-5,
-                   act: bool = False) -> nn.Module:
+def _build_evonorm(num_channels: int, *, groups: int | None, cpg: int | None, eps: float, act: bool) -> nn.Module:
     return EvoNorm2dS0(num_channels, resolve_groups(num_channels, groups, cpg, "evonorm"), eps=eps, act=act)
+
+
+def _bn_check(ghost: int | None, splits: int | None, **_: Any) -> str | None:
+    if ghost is not None and splits is not None:
+        return (f"sets both ghost={ghost} and splits={splits}; give one: bn:ghost=G (G samples per part) or "
+                "bn:splits=K (K parts per batch), or plain bn")
+    return None
+
+
+def _build_bn(num_channels: int, *, momentum: float, eps: float, ghost: int | None, splits: int | None) -> nn.Module:
+    if ghost is None and splits is None:
+        return nn.BatchNorm2d(num_channels, eps=eps, momentum=momentum)
+    return GhostBatchNorm2d(num_channels, ghost, eps=eps, momentum=momentum, splits=splits)
 
 
 _REGISTRY: Registry[NormEntry] = Registry("norm")
@@ -507,97 +517,72 @@ def register_norm(entry: NormEntry) -> NormEntry:
     return _REGISTRY.register(entry.name, entry)
 
 
-def _check_bn(spec: Spec, kwargs: dict) -> None:
-    if "ghost" in kwargs and "splits" in kwargs:
-        raise SpecError(
-            f"norm {spec.text or spec.name!r} sets both ghost={kwargs['ghost']} and splits={kwargs['splits']}; "
-            "give one: bn:ghost=G (G samples per part) or bn:splits=K (K parts per batch), or plain bn"
-        )
-
-
-def _build_bn(num_channels: int, momentum: float = 0.1, eps: float = 1e-5, ghost: int | None = None,
-              splits: int | None = None) -> nn.Module:
-    if ghost is None and splits is None:
-        return nn.BatchNorm2d(num_channels, eps=eps, momentum=momentum)
-    return GhostBatchNorm2d(num_channels, ghost, eps=eps, momentum=momentum, splits=splits)
-
+# The arguments several norms share, with their defaults (torch's BatchNorm2d / GroupNorm ones).
+_EPS = {"eps": (positive_float, 1e-5)}
+_BN_STATS = {"momentum": (unit_float, 0.1), **_EPS}
+_GROUPS = {"groups": (positive_int, None), "cpg": (positive_int, None), **_EPS}
 
 register_norm(NormEntry(
     "bn", "BatchNorm2d: batch statistics in training, running averages in eval; bn:ghost=G = statistics "
           "per group of G samples, as per-device BN on G-sample devices (Hoffer et al. 2017); bn:splits=K = "
           "statistics per part of the batch cut in K, as per-device BN on K devices",
-    {"momentum": unit_float, "eps": positive_float, "ghost": positive_int, "splits": positive_int},
-    _build_bn, _check_bn,
+    {**_BN_STATS, "ghost": (positive_int, None), "splits": (positive_int, None)},
+    _build_bn, _bn_check,
 ))
 register_norm(NormEntry(
-    "gn", "GroupNorm: plain gn = at most 32 groups of >= 16 channels (C=16/32/64 -> 1/2/4 groups, "
-          "C>=512 -> 32; Wu & He Table 3); gn:G = G groups; gn:cpg=N = N channels per group",
-    {"groups": positive_int, "cpg": positive_int, "eps": positive_float},
-    _build_gn, _check_gn,
+    "gn", "GroupNorm: plain gn = the most groups, up to 32, of at least 16 channels each (1 group below 16 "
+          "channels; ResNet widths 16/32/64 -> 1/2/4 groups, 512 and up -> 32; Wu & He Table 3); gn:G = G groups; "
+          "gn:cpg=N = N channels per group",
+    _GROUPS, _build_gn, _groups_check("gn"),
 ))
 register_norm(NormEntry(
     "ln", "LayerNorm over (C,H,W) of each sample, per-channel affine = GroupNorm(1, C)",
-    {"eps": positive_float},
-    lambda c, eps=1e-5: LayerNorm2d(c, eps=eps),
+    _EPS, lambda c, *, eps: LayerNorm2d(c, eps=eps),
 ))
 register_norm(NormEntry(
     "in", "InstanceNorm with per-channel affine = GroupNorm(C, C)",
-    {"eps": positive_float},
-    lambda c, eps=1e-5: InstanceNorm2dAffine(c, eps=eps),
+    _EPS, lambda c, *, eps: InstanceNorm2dAffine(c, eps=eps),
 ))
 register_norm(NormEntry(
-    "rms", "RMSNorm over channels at each position (nn.RMSNorm), scale only; eps 1e-6 (rms:eps=...)",
-    {"eps": positive_float},
-    lambda c, eps=RMS_EPS: RMSNorm2d(c, eps=eps),
+    "rms", "RMSNorm over channels at each position (nn.RMSNorm), scale only, no mean subtraction",
+    {"eps": (positive_float, RMS_EPS)}, lambda c, *, eps: RMSNorm2d(c, eps=eps),
 ))
 register_norm(NormEntry(
     "brn", "Batch Renormalization (Ioffe 2017): BN whose training output uses the running statistics through "
-           "clipped r, d corrections; brn:r_max=R,d_max=D (default 3, 5; r_max=1,d_max=0 is bn)",
-    {"r_max": positive_float, "d_max": nonnegative_float, "momentum": unit_float, "eps": positive_float},
-    lambda c, r_max=3.0, d_max=5.0, momentum=0.1, eps=1e-5: BatchRenorm2d(c, r_max, d_max, eps=eps, momentum=momentum),
-    lambda spec, kwargs: check_renorm_limits(kwargs.get("r_max", 3.0), kwargs.get("d_max", 5.0)),
+           "clipped r, d corrections; r_max=1,d_max=0 is bn",
+    {"r_max": (positive_float, 3.0), "d_max": (nonnegative_float, 5.0), **_BN_STATS},
+    lambda c, *, r_max, d_max, momentum, eps: BatchRenorm2d(c, r_max, d_max, eps=eps, momentum=momentum),
+    lambda r_max, d_max, **_: renorm_limits_problem(r_max, d_max),
 ))
 register_norm(NormEntry(
     "frn", "Filter Response Normalization (Singh & Krishnan 2020): x / sqrt(mean_HW(x^2) + eps) per sample and "
-           "channel, affine, then TLU max(y, tau) where it replaces the ReLU after it; batch-independent; "
-           "frn:eps=E (default 1e-6)",
-    {"eps": positive_float},
-    lambda c, eps=FRN_EPS, act=False: FilterResponseNorm2d(c, eps=eps, act=act),
+           "channel, affine, then TLU max(y, tau) where it replaces the ReLU after it; batch-independent",
+    {"eps": (positive_float, FRN_EPS)},
+    lambda c, *, eps, act: FilterResponseNorm2d(c, eps=eps, act=act),
     fuses_activation=True,
 ))
 register_norm(NormEntry(
     "evonorm", "EvoNorm-S0 (Liu et al. 2020): x * sigmoid(v*x) / group std, affine, in place of norm + ReLU "
                "(the gate dropped where no activation follows); batch-independent; groups as gn: "
-               "evonorm:G, evonorm:cpg=N, eps (default 1e-5)",
-    {"groups": positive_int, "cpg": positive_int, "eps": positive_float},
-    _build_evonorm, _check_groups("evonorm"), fuses_activation=True,
+               "evonorm:G, evonorm:cpg=N",
+    _GROUPS, _build_evonorm, _groups_check("evonorm"), fuses_activation=True,
 ))
 register_norm(NormEntry(
     "none", "no normalization (Identity)",
-    {},
-    lambda c: nn.Identity(),
+    {}, lambda c: nn.Identity(),
 ))
-
-
-def _resolve(spec: str | Spec) -> tuple[NormEntry, dict]:
-    parsed = spec if isinstance(spec, Spec) else parse_spec(spec, "norm spec")
-    entry = _REGISTRY.lookup(parsed.name, parsed.text or parsed.name)
-    kwargs = bind(parsed, entry.params, "norm")
-    if entry.check is not None:
-        entry.check(parsed, kwargs)
-    return entry, kwargs
 
 
 class _NormMaker:
     """The factory of one resolved spec: ``make(num_channels, act=False)``."""
 
-    def __init__(self, entry: NormEntry, kwargs: dict, text: str):
-        self.entry, self.kwargs, self.text = entry, kwargs, text
+    def __init__(self, resolved: Resolved[NormEntry]):
+        self.entry, self.args, self.text = resolved.entry, resolved.args, resolved.text
 
     def __call__(self, num_channels: int, act: bool = False) -> nn.Module:
         if self.entry.fuses_activation:
-            return self.entry.build(num_channels, act=bool(act), **self.kwargs)
-        return self.entry.build(num_channels, **self.kwargs)
+            return self.entry.build(num_channels, act=bool(act), **self.args)
+        return self.entry.build(num_channels, **self.args)
 
     def __repr__(self) -> str:
         return f"norm_factory({self.text!r})"
@@ -609,9 +594,7 @@ def norm_factory(spec: str | Spec) -> NormFactory:
     ``act=True``: an activation follows the layer, which a norm that fuses one may replace
     (check the built layer with :func:`norm_activates`); other norms ignore it.
     """
-    entry, kwargs = _resolve(spec)
-    text = (spec.text or spec.name) if isinstance(spec, Spec) else str(spec).strip()
-    return _NormMaker(entry, kwargs, text)
+    return _NormMaker(_REGISTRY.resolve(spec))
 
 
 def factory_takes_act(factory: Callable) -> bool:
@@ -635,8 +618,8 @@ def make_norm(spec: str, num_channels: int, act: bool = False) -> nn.Module:
 
 
 def list_norms() -> dict[str, str]:
-    """Every norm name with a one-line description."""
-    return {name: entry.description for name, entry in _REGISTRY.items()}
+    """Every norm name with a one-line description and its arguments' defaults."""
+    return _REGISTRY.describe()
 
 
 def norm_names() -> list[str]:
@@ -653,7 +636,8 @@ def describe_norm_layers(model: nn.Module) -> list[str]:
 
     GroupNorms show their groups (``GroupNorm C=16: 1 group x 16 ch (x7 layers)``);
     LayerNorm2d and InstanceNorm2dAffine, GroupNorms underneath, are named as
-    what they are; a norm that fuses its activation says so (``FilterResponseNorm2d C=64 +TLU``).  Empty for a model without norm layers.
+    what they are; a norm that fuses its activation says so (``FilterResponseNorm2d C=64 +TLU``).
+    Empty for a model without norm layers.
     """
     counts: dict[str, int] = {}
     inner: set[int] = set()
