@@ -8,21 +8,21 @@ import torch.nn.functional as F
 from torch import nn
 
 import reslab
+from reslab.build import build, init_model, model_config
 from reslab.cli import main
 from reslab.convs import RELU_GAMMA, ScaledStdConv2d
 from reslab.errors import SpecError
 from reslab.inits import init_weights
 from reslab.models import build_model
 from reslab.models.resnet import BasicBlock, Bottleneck
-from reslab.build import init_options as model_options_for_init
 
 BLOCKS = (BasicBlock, Bottleneck)
 
 
 def _built(name, init, norm="none", in_channels=3, **options):
-    options = {**options, **model_options_for_init(name, init, options)}
-    model = build_model(name, norm=norm, num_classes=10, in_channels=in_channels, **options)
-    return model, init_weights(model, init, seed=0)
+    cfg = model_config(name, norm=norm, init=init, model_options=options)
+    model = build(cfg, num_classes=10, in_channels=in_channels)
+    return model, init_model(model, cfg)
 
 
 def _x(shape=(4, 3, 32, 32), seed=0):
@@ -84,7 +84,8 @@ def test_fixup_scale_is_l_to_the_minus_one_over_2m_minus_2():
                 he = math.sqrt(2 / fan_out)  # kaiming_normal, fan_out, ReLU
                 ratios.append((conv.weight.std().item() / he, conv.weight.numel()))
             row = rows[f"{path}.conv1.weight"]
-            assert row.std_predicted == pytest.approx(math.sqrt(2 / (convs[0].weight.shape[0] * convs[0].weight[0, 0].numel())) * factor)
+            fan_out = convs[0].weight.shape[0] * convs[0].weight[0, 0].numel()
+            assert row.std_predicted == pytest.approx(math.sqrt(2 / fan_out) * factor)
             assert f"x {factor:.4g}" in row.scheme
         pooled = sum(r * n for r, n in ratios) / sum(n for _, n in ratios)
         assert pooled == pytest.approx(factor, rel=0.02), name
@@ -248,9 +249,9 @@ def test_lsuv_via_init_weights_reports_each_layers_final_variance():
 
 
 def test_train_with_lsuv_uses_the_first_training_batch(tmp_path):
+    from reslab.build import build_for, first_batch
     from reslab.config import TrainConfig
     from reslab.lsuv import lsuv_variances
-    from reslab.build import build_for, first_batch
     from reslab.training import run_dataset
 
     cfg = TrainConfig(model="cifar_resnet20", norm="none", init="lsuv", dataset="digits", batch_size=32)

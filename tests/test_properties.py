@@ -8,13 +8,17 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from reslab.build import init_options  # noqa: E402
 from reslab.config import TrainConfig, config_from_dict, load_config_file  # noqa: E402
+from reslab.convs import conv_names, resolve_conv  # noqa: E402
 from reslab.datasets import dataset_names, parse_dataset_spec  # noqa: E402
 from reslab.errors import SpecError  # noqa: E402
-from reslab.convs import conv_names, resolve_conv  # noqa: E402
-from reslab.inits import init_names, parse_policy, resolve_init  # noqa: E402
-from reslab.build import init_options as model_options_for_init
-from reslab.inits import model_init_names  # noqa: E402
+from reslab.inits import (  # noqa: E402
+    init_names,
+    model_init_names,  # noqa: E402
+    parse_policy,
+    resolve_init,
+)
 from reslab.norms import make_norm, norm_names  # noqa: E402
 from reslab.optim import SCHEDULES, parse_schedule  # noqa: E402
 from reslab.specs import split_nonempty_list  # noqa: E402
@@ -73,7 +77,7 @@ def test_conv_specs(text):
 @SETTINGS
 @given(st.one_of(noise, after(model_init_names())), st.sampled_from(["cifar_resnet20", "plain20", "mlp"]))
 def test_whole_model_init_specs(text, model):
-    parses_or_spec_error(lambda t: model_options_for_init(model, t), text)
+    parses_or_spec_error(lambda t: init_options(model, t), text)
 
 
 @SETTINGS
