@@ -18,12 +18,13 @@ from reslab.models import (
     ResNet,
     build_model,
     list_models,
-    model_names,
     model_input,
+    model_names,
     model_options,
     register_model,
 )
 from reslab.norms import norm_names
+from reslab.registry import Registry
 
 MODELS_DIR = Path(models.__file__).parent
 
@@ -329,7 +330,9 @@ def test_model_input(name, expected):
 
 
 def test_registry_refuses_duplicates_and_registers_new(monkeypatch):
-    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+    registry = Registry("model")
+    registry.update(models._REGISTRY)
+    monkeypatch.setattr(models, "_REGISTRY", registry)
 
     def resnet18(*, num_classes):
         """Impostor."""
@@ -343,7 +346,7 @@ def test_registry_refuses_duplicates_and_registers_new(monkeypatch):
         """A linear classifier on 4x4 inputs."""
         return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 16, num_classes, bias=bias))
 
-    assert list_models()["tiny_linear"] == "A linear classifier on 4x4 inputs."
+    assert list_models()["tiny_linear"] == "A linear classifier on 4x4 inputs. (args: bias=True)"
     model = build_model("tiny_linear", num_classes=3, in_channels=2, norm="gn", bias="false")
     assert model[1].bias is None and model(torch.randn(5, 2, 4, 4)).shape == (5, 3)
     assert model_input("tiny_linear") == (3, 32)

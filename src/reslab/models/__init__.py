@@ -14,11 +14,14 @@ interface, so there is one source of truth:
   and its type is the type string values are converted to, so options coming
   from the CLI or a YAML file as text (``width="32"``, ``zero_init_residual="true"``)
   work unchanged;
-* the first line of the docstring is the description :func:`list_models` shows.
+* the first line of the docstring is the description :func:`list_models` shows,
+  with every option's default.
 
-Unknown names and options are SpecErrors (:mod:`reslab.errors`) that list the
-valid choices; bad option *values* are rejected by the model itself with the
-same kind of message.
+The entry points live in a :class:`reslab.registry.Registry`: :func:`build_model`
+resolves a name and its options through it as every other registry resolves a
+spec.  Unknown names and options are SpecErrors (:mod:`reslab.errors`) that list
+the valid choices; a string that does not convert is one too, and other bad option
+*values* are rejected by the model itself with the same kind of message.
 
 Any torchvision classification model is there too, as ``tv:NAME``
 (``build_model("tv:resnet50", norm="gn")``, ``tv:vit_b_16``, ...): built
@@ -38,9 +41,10 @@ from typing import Any
 from torch import nn
 
 from ..convs import ConvChoice, ScaledStdConv2d, StdConv2d, resolve_conv, standardize_convs
-from ..errors import SpecError, choices_error
+from ..errors import SpecError
 from ..norms import norm_factory
-from ..specs import to_bool, to_float, to_int
+from ..registry import Registry, Resolved
+from ..specs import Converter, Spec, to_bool, to_float, to_int
 
 ModelFn = Callable[..., nn.Module]
 
@@ -55,14 +59,35 @@ DEFAULT_INPUT = (3, 32)
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
-    fn: ModelFn
     description: str  # first line of the entry point's docstring
-    options: dict[str, Any]  # option name -> default
+    # option -> (converter of a string value, default): the entry point's keyword-only parameters
+    params: dict[str, tuple[Converter, Any]]
+    fn: ModelFn
     common: tuple[str, ...]  # the COMMON_ARGS this entry point declares
     default_input: tuple[int, int]  # (channels, side) of the input the model was designed for
+    check: Callable[..., str | None] | None = None  # options are checked by the model itself
 
 
-_REGISTRY: dict[str, ModelEntry] = {}
+_REGISTRY: Registry[ModelEntry] = Registry("model")
+
+# How a string option value becomes the type of the option's default; bool before int (bool is an int).
+_STRING_CONVERTERS: tuple[tuple[type, Converter], ...] = ((bool, to_bool), (int, to_int), (float, to_float))
+
+
+def _string_converter(default: Any) -> Converter | None:
+    """The converter for string values of an option with this default (None: strings stay strings)."""
+    return next((convert for kind, convert in _STRING_CONVERTERS if isinstance(default, kind)), None)
+
+
+def _option_converter(default: Any) -> Converter:
+    """An option's converter: a string (from the CLI or a YAML file) becomes the default's type;
+    any other value passes through, for the model to validate."""
+    convert = _string_converter(default)
+
+    def converter(value: Any) -> Any:
+        return convert(value) if convert is not None and isinstance(value, str) else value
+
+    return converter
 
 
 def register_model(fn: ModelFn | None = None, *, default_input: tuple[int, int] = DEFAULT_INPUT):
@@ -85,14 +110,15 @@ def register_model(fn: ModelFn | None = None, *, default_input: tuple[int, int] 
     if any(default is inspect.Parameter.empty for default in options.values()):
         raise TypeError(f"every option of model entry point {name!r} needs a default")
     doc = inspect.getdoc(fn) or name
-    _REGISTRY[name] = ModelEntry(name, fn, doc.splitlines()[0], options, common, tuple(default_input))
+    options_params = {key: (_option_converter(default), default) for key, default in options.items()}
+    _REGISTRY.register(name, ModelEntry(name, doc.splitlines()[0], options_params, fn, common, tuple(default_input)))
     return fn
 
 
 def list_models(torchvision: bool = False) -> dict[str, str]:
-    """Every registered model name with a one-line description; with ``torchvision``, then
-    every torchvision classification model as ``tv:NAME``."""
-    described = {name: entry.description for name, entry in _REGISTRY.items()}
+    """Every registered model name with a one-line description and its options' defaults; with
+    ``torchvision``, then every torchvision classification model as ``tv:NAME``."""
+    described = _REGISTRY.describe()
     if torchvision:
         described.update(list_torchvision_models())
     return described
@@ -107,38 +133,35 @@ def model_options(name: str) -> dict[str, Any]:
     """The options ``name`` accepts, each with its default."""
     if is_torchvision_name(name):
         return torchvision_options(name)
-    return dict(_entry(name).options)
+    return {key: default for key, (_, default) in _REGISTRY.lookup(name).params.items()}
 
 
 def model_input(name: str) -> tuple[int, int]:
     """``(in_channels, input_size)`` of the input ``name`` was designed for, e.g. ``(3, 224)``."""
     if is_torchvision_name(name):
         return torchvision_input(name)
-    return _entry(name).default_input
+    return _REGISTRY.lookup(name).default_input
 
 
-def _entry(name: str) -> ModelEntry:
-    entry = _REGISTRY.get(name)
-    if entry is None:
-        raise choices_error("model", name, _REGISTRY)
-    return entry
+def _resolve(name: str, options: dict[str, Any]) -> Resolved[ModelEntry]:
+    """The entry of model ``name`` with every option, given ones converted, the rest at their defaults."""
+    entry = _REGISTRY.lookup(name)
+    unknown = [key for key in options if key not in entry.params]
+    if unknown:  # "option", as the CLI's -o KEY=VALUE and the config's model_options call them
+        raise SpecError(f"unknown option {unknown[0]!r} for model {name!r}; "
+                        f"valid options: {', '.join(entry.params) or 'none'}")
+    return _REGISTRY.resolve(Spec(name, kwargs=options, text=name))
 
 
 def _coerce(value: Any, default: Any, what: str) -> Any:
-    """Convert a string option value to the type of the option's default.
-
-    Non-string values pass through untouched; the model validates them.
-    """
-    if not isinstance(value, str):
+    """Convert a string value to the type of ``default``; non-string values pass through untouched."""
+    convert = _string_converter(default)
+    if convert is None or not isinstance(value, str):
         return value
-    # bool before int: bool is a subclass of int.
-    for kind, convert in ((bool, to_bool), (int, to_int), (float, to_float)):
-        if isinstance(default, kind):
-            try:
-                return convert(value)
-            except ValueError as exc:
-                raise SpecError(f"bad value {value!r} for {what}: {exc}") from None
-    return value
+    try:
+        return convert(value)
+    except ValueError as exc:
+        raise SpecError(f"bad value {value!r} for {what}: {exc}") from None
 
 
 def _positive_int(value: Any, what: str) -> int:
@@ -178,11 +201,7 @@ def build_model(
     if torchvision:
         check_options(name, options)  # the name, then the options
     else:
-        entry = _entry(name)
-        unknown = sorted(set(options) - set(entry.options))
-        if unknown:
-            valid = ", ".join(entry.options) or "none"
-            raise SpecError(f"unknown option {unknown[0]!r} for model {name!r}; valid options: {valid}")
+        resolved = _resolve(name, options)
     norm_factory(norm)  # fail on a bad norm spec whether or not the model has norm layers
     if isinstance(input_size, str):
         input_size = _positive_int(input_size, "input_size")
@@ -196,10 +215,7 @@ def build_model(
     if torchvision:
         model = build_torchvision_model(name, **common, **options)
     else:
-        kwargs = {key: common[key] for key in entry.common}
-        for key, value in options.items():
-            kwargs[key] = _coerce(value, entry.options[key], f"option {key!r} of model {name!r}")
-        model = entry.fn(**kwargs)
+        model = resolved.entry.fn(**{key: common[key] for key in resolved.entry.common}, **resolved.args)
     return _with_convs(model, choice, name)
 
 
