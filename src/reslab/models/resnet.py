@@ -55,6 +55,7 @@ STEMS = ("imagenet", "cifar")
 SHORTCUTS = ("A", "B")
 BRANCHES = ("standard", "fixup", "skipinit", "nf")
 NF_ALPHA = 0.2  # Brock et al. 2021's residual scale alpha
+IMAGENET_INPUT = (3, 224)  # (channels, side) the ImageNet family was designed for
 
 
 def _scalar(value: float) -> nn.Parameter:
@@ -67,7 +68,6 @@ def _check_branch(branch: str, alpha: float) -> str:
     if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 < alpha <= 1):
         raise SpecError(f"NF-ResNet alpha must be in (0, 1], got {alpha!r}")
     return branch
-IMAGENET_INPUT = (3, 224)  # (channels, side) the ImageNet family was designed for
 
 
 def _zero_weight(norm: nn.Module) -> bool:
@@ -160,7 +160,7 @@ class _ResidualBlock(nn.Module):
         """The residual branch as it reaches the addition (scalars applied); for NF, of ``relu(x) / beta``."""
         out = x
         last = len(self._convs) - 1
-        for i, (conv, norm) in enumerate(zip(self._convs, self._norms)):
+        for i, (conv, norm) in enumerate(zip(self._convs, self._norms, strict=True)):
             out = getattr(self, norm)(getattr(self, conv)(self._add(out, f"bias{i + 1}a")))
             if i < last:
                 act = getattr(self, f"act{i + 1}", self.relu)
@@ -297,6 +297,29 @@ class Bottleneck(_ResidualBlock):
 Block = type[BasicBlock] | type[Bottleneck]
 
 
+def _check_resnet_options(layers: Sequence[int], stem: str, shortcut: str, widths: Sequence[int],
+                          zero_init_residual: bool, residual: bool, branch: str, alpha: float) -> str:
+    """A one-line SpecError for a bad :class:`ResNet` argument; the shortcut kind, upper-cased."""
+    _check_branch(branch, alpha)
+    if branch != "standard" and not residual:
+        raise SpecError(f"branch={branch!r} needs residual blocks; a plain net has no residual branch "
+                        "(use a cifar_resnet* or resnet* model)")
+    if stem not in STEMS:
+        raise choices_error("stem", stem, STEMS)
+    shortcut = shortcut.upper() if isinstance(shortcut, str) else shortcut
+    if shortcut not in SHORTCUTS:
+        raise choices_error("shortcut", shortcut, SHORTCUTS)
+    if len(layers) != len(widths) or not layers:
+        raise SpecError(f"need one width per stage: layers={tuple(layers)}, widths={tuple(widths)}")
+    for count in layers:
+        _positive_int(count, "blocks per stage")
+    for width in widths:
+        _positive_int(width, "stage width")
+    if zero_init_residual and not residual:
+        raise SpecError("zero_init_residual=True needs residual blocks; a plain net has no branch to zero")
+    return shortcut
+
+
 class ResNet(nn.Module):
     """A stem, ``len(layers)`` stages of residual blocks, global average pooling, a linear head.
 
@@ -342,84 +365,79 @@ class ResNet(nn.Module):
         alpha: float = NF_ALPHA,
     ):
         super().__init__()
-        _check_branch(branch, alpha)
-        if branch != "standard" and not residual:
-            raise SpecError(f"branch={branch!r} needs residual blocks; a plain net has no residual branch "
-                            "(use a cifar_resnet* or resnet* model)")
-        if stem not in STEMS:
-            raise choices_error("stem", stem, STEMS)
-        shortcut = shortcut.upper() if isinstance(shortcut, str) else shortcut
-        if shortcut not in SHORTCUTS:
-            raise choices_error("shortcut", shortcut, SHORTCUTS)
-        if len(layers) != len(widths) or not layers:
-            raise SpecError(f"need one width per stage: layers={tuple(layers)}, widths={tuple(widths)}")
-        for count in layers:
-            _positive_int(count, "blocks per stage")
-        for width in widths:
-            _positive_int(width, "stage width")
-        if zero_init_residual and not residual:
-            raise SpecError("zero_init_residual=True needs residual blocks; a plain net has no branch to zero")
-
+        shortcut = _check_resnet_options(layers, stem, shortcut, widths, zero_init_residual, residual, branch, alpha)
         norm_layer = norm if callable(norm) else norm_factory(norm)
         self.stem_kind = stem
         self.shortcut_kind = shortcut
         self.residual = residual
         self.branch = branch
-        nf = branch == "nf"
+        self._make_stem(in_channels, widths[0], norm_layer)
+        # Stages layer1, layer2, ...: torchvision's names.
+        self.stage_names: list[str] = []
+        inplanes = self._make_stages(block, layers, widths, norm_layer, alpha)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(inplanes, num_classes)
+        self.num_features = inplanes
+        if branch == "fixup":
+            self.bias2 = _scalar(0.0)  # Zhang et al. 2019: before the classifier
+        # Recorded on the model, so ``init_weights`` (which sets every norm scale) keeps
+        # these scales at zero instead of undoing them.
+        self.zero_init_residual = bool(zero_init_residual)
+        if zero_init_residual:
+            self._zero_init_residual()
 
-        # Stem.  NF: Scaled WS with gamma 1 (its input is the data, not a ReLU's output)
+    def _make_stem(self, in_channels: int, width: int, norm_layer: NormFactory) -> None:
+        """``conv1``, ``maxpool``, ``bn1``, ``relu`` (and ``stem_act``, Fixup's ``bias1``) for ``self.stem_kind``."""
+        nf = self.branch == "nf"
+        # NF: Scaled WS with gamma 1 (its input is the data, not a ReLU's output)
         # and no activation: each NF block activates its own input.
-        stem_conv = _branch_conv(branch, gamma=1.0)
-        if stem == "imagenet":
-            self.conv1 = stem_conv(in_channels, widths[0], kernel_size=7, stride=2, padding=3)
+        stem_conv = _branch_conv(self.branch, gamma=1.0)
+        if self.stem_kind == "imagenet":
+            self.conv1 = stem_conv(in_channels, width, kernel_size=7, stride=2, padding=3)
             self.maxpool: nn.Module = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         else:
-            self.conv1 = stem_conv(in_channels, widths[0], kernel_size=3, padding=1)
+            self.conv1 = stem_conv(in_channels, width, kernel_size=3, padding=1)
             self.maxpool = nn.Identity()
         with _located("bn1"):
-            self.bn1 = build_norm(norm_layer, widths[0], act=not nf)
+            self.bn1 = build_norm(norm_layer, width, act=not nf)
         self.relu = nn.ReLU()
         if nf or norm_activates(self.bn1):
             self.stem_act = nn.Identity()
-        if branch == "fixup":
+        if self.branch == "fixup":
             self.bias1 = _scalar(0.0)  # Zhang et al. 2019: after the stem conv, before its ReLU
 
-        # Stages layer1, layer2, ...: torchvision's names.  The first block of each
-        # stage after the first halves the resolution.
-        self.stage_names: list[str] = []
+    def _make_stages(self, block: Block, layers: Sequence[int], widths: Sequence[int], norm_layer: NormFactory,
+                     alpha: float) -> int:
+        """Add the stages ``layer1``, ``layer2``, ... to ``stage_names``; the channels the last one outputs.
+
+        The first block of each stage after the first halves the resolution.
+        """
         inplanes = widths[0]
         expected_var = 1.0  # NF: the variance of the next block's input, tracked analytically
-        for index, (count, width) in enumerate(zip(layers, widths)):
+        for index, (count, width) in enumerate(zip(layers, widths, strict=True)):
             name = f"layer{index + 1}"
             blocks = []
             for position in range(count):
                 stride = 2 if index > 0 and position == 0 else 1
                 with _located(f"{name}.{position}"):
                     downsample = self._make_shortcut(inplanes, width * block.expansion, stride, norm_layer)
-                    blocks.append(block(inplanes, width, stride, downsample, norm_layer=norm_layer, residual=residual,
-                                        branch=branch, alpha=alpha, beta=expected_var ** 0.5))
+                    blocks.append(block(inplanes, width, stride, downsample, norm_layer=norm_layer,
+                                        residual=self.residual, branch=self.branch, alpha=alpha,
+                                        beta=expected_var ** 0.5))
                 if downsample is not None:
                     expected_var = 1.0  # the shortcut carried relu(x) / beta: variance reset
                 expected_var += alpha**2
                 inplanes = width * block.expansion
             self.add_module(name, nn.Sequential(*blocks))
             self.stage_names.append(name)
+        return inplanes
 
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(inplanes, num_classes)
-        self.num_features = inplanes
-        if branch == "fixup":
-            self.bias2 = _scalar(0.0)  # Zhang et al. 2019: before the classifier
-
-        # Recorded on the model, so ``init_weights`` (which sets every norm scale) keeps
-        # these scales at zero instead of undoing them.
-        self.zero_init_residual = bool(zero_init_residual)
-        if zero_init_residual:
-            # Goyal et al. 2017 (arXiv 1706.02677): each residual block starts as the identity.
-            zeroed = [module.zero_init_last() for module in self.modules() if hasattr(module, "zero_init_last")]
-            if not any(zeroed):
-                raise SpecError("zero_init_residual=True needs a norm with a scale at the end of each residual "
-                                "branch; this norm has none (use bn, gn, ln, in or rms)")
+    def _zero_init_residual(self) -> None:
+        """Goyal et al. 2017 (arXiv 1706.02677): each residual block starts as the identity."""
+        zeroed = [module.zero_init_last() for module in self.modules() if hasattr(module, "zero_init_last")]
+        if not any(zeroed):
+            raise SpecError("zero_init_residual=True needs a norm with a scale at the end of each residual "
+                            "branch; this norm has none (use bn, gn, ln, in or rms)")
 
     def _make_shortcut(self, inplanes: int, outplanes: int, stride: int, norm_layer: NormFactory) -> nn.Module | None:
         """The block's ``downsample``: None (identity) unless the shape changes."""
