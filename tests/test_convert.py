@@ -250,7 +250,7 @@ def test_rms_keeps_scale_only_and_works_on_any_rank():
     _, report = convert_norms(model, "rms")
     assert [type(m) for m in model] == [RMSNormNd, RMSNorm2d, RMSNormNd]
     assert all(r.copied == ("weight",) for r in report)
-    for m, scale in zip(model, scales):
+    for m, scale in zip(model, scales, strict=True):
         assert torch.equal(m.weight, scale)
     for x in (torch.randn(3, 6), torch.randn(3, 6, 4), torch.randn(3, 6, 2, 2, 2)):
         expected = x / x.square().mean(1, keepdim=True).add(1e-6).sqrt() * scales[0].view(1, -1, *[1] * (x.dim() - 2))
@@ -324,9 +324,21 @@ def test_report_is_frozen_and_tabulates():
         report.spec = "bn"
 
 
-def test_exported():
-    assert reslab.convert_norms is convert_norms
-    assert "convert_norms" in reslab.__all__
+def test_exported_convert_norms_turns_a_torchvision_resnet_to_group_norm():
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    expected_shape = model(x).shape
+    batch_norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    randomize(model)
+    scales = [m.weight.clone() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    converted, report = reslab.convert_norms(model, "gn")
+    assert converted is model and "convert_norms" in reslab.__all__
+    assert not any(isinstance(m, BN_TYPES) for m in model.modules())
+    groups = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(groups) == batch_norms == len(report.rows) == 20
+    assert all(torch.equal(g.weight, w) for g, w in zip(groups, scales, strict=True))  # affine carried over
+    out = model(x)
+    assert out.shape == expected_shape == (2, 1000) and torch.isfinite(out).all()
 
 
 def count_rows(report, kind):

