@@ -48,7 +48,12 @@ TORCHVISION_PARAMS = {
 }
 
 
-@pytest.mark.parametrize("name", list(TORCHVISION_PARAMS))
+def slow_for(names, slow):
+    """``names`` as parameters, those in ``slow`` (several seconds each on a CPU) marked slow."""
+    return [pytest.param(name, marks=pytest.mark.slow) if name in slow else name for name in names]
+
+
+@pytest.mark.parametrize("name", slow_for(TORCHVISION_PARAMS, ("resnet101", "resnet152")))
 def test_matches_torchvision(name):
     torch.manual_seed(0)
     reference = getattr(torchvision.models, name)().eval()
@@ -186,7 +191,7 @@ def test_every_family_is_covered():
 
 
 @pytest.mark.parametrize("norm", norm_names())
-@pytest.mark.parametrize("name", FULL_NORM_MODELS)
+@pytest.mark.parametrize("name", slow_for(FULL_NORM_MODELS, ("resnet50",)))  # tests/test_registries.py: narrower
 def test_forward_backward_every_norm(name, norm):
     torch.manual_seed(0)
     common, x = example_input(name, batch=4)
@@ -200,7 +205,7 @@ def test_forward_backward_every_norm(name, norm):
     assert any(g.abs().sum() > 0 for g in grads)
 
 
-@pytest.mark.parametrize("name", [n for n in model_names() if n not in FULL_NORM_MODELS])
+@pytest.mark.parametrize("name", slow_for([n for n in model_names() if n not in FULL_NORM_MODELS], ("resnet152",)))
 def test_builds_and_runs(name):
     common, x = example_input(name, batch=2)
     model = build_model(name, **common).eval()
@@ -258,6 +263,7 @@ def test_simple_cnn_flatten_head_refuses_another_input_size_and_bad_heads():
         build_model("simple_cnn", head="dense")
 
 
+@pytest.mark.slow
 def test_seeds_cnn_with_bn_reaches_94_percent_on_mnist5k_in_two_epochs(tmp_path):
     """The seeds' CNN (flatten head) with BN: SGD 0.01, momentum 0.9, batch 32, 2 epochs."""
     from reslab.config import TrainConfig

@@ -63,6 +63,7 @@ def test_mobilenet_v3_small_with_layernorm_trains():
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.slow
 def test_first_convolution_found_by_forward_order():
     model = build_model("tv:inception_v3", num_classes=3, in_channels=1, norm="gn:cpg=16", input_size=75)
     assert model.Conv2d_1a_3x3.conv.in_channels == 1 and not model.aux_logits
