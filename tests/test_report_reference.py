@@ -1,17 +1,15 @@
 """reslab report on a study directory: the study named in the heading, its source numbers beside the measured ones."""
 
 import csv
-import dataclasses
 import logging
-import re
 
 import pytest
+import yaml
 
-from reslab import reporting
+from reslab.errors import SpecError
 from reslab.reporting import report
-from reslab.studies import Study, write_study
-
-from test_report import make_run
+from reslab.studies import study_from_dict, write_study
+from test_report import make_run, markdown_tables, read_page
 
 # Wu & He 2018, Table 3 style numbers: on ImageNet, not on what these runs train on
 REFERENCE = {
@@ -19,25 +17,19 @@ REFERENCE = {
     "dataset": "ImageNet",
     "metric": "final_eval_acc",
     "groups": [
-        {"where": {"norm": "bn", "batch_size": "32"}, "value": 0.764},  # text "32" selects batch_size 32
-        {"where": {"norm": "gn", "batch_size": 32}, "value": [0.852, 0.858]},
-        {"where": {"norm": "ln"}, "value": 0.5},  # no such group here: shown nowhere
+        {"norm": "bn", "batch_size": "32", "value": 0.764},  # text "32" selects batch_size 32
+        {"norm": "gn", "batch_size": 32, "value": [0.858, 0.852]},  # a range, in either order
+        {"norm": "ln", "value": 0.5},  # a group of the study no run here has: shown nowhere
     ],
 }
 
 
-def _study(**extra):
-    return Study(name="norms-tiny", claim="GN matches BN at batch 32", base={"model": "simple_cnn"},
-                 grid={"norm": ["bn", "gn"], "batch_size": [32, 2]},
-                 checks=('mean(norm="gn", batch_size=32) >= 0.5',), seeds=(0, 1), **extra)
-
-
-def with_reference(study, reference):
-    """``study`` carrying ``reference``, whether or not Study declares the attribute itself."""
-    if "reference" in {f.name for f in dataclasses.fields(study)}:
-        return dataclasses.replace(study, reference=reference)
-    object.__setattr__(study, "reference", reference)  # a plain attribute on the frozen dataclass
-    return study
+def _study(reference=None):
+    """The study of these runs, validated as a study file is; its grid has a group (ln) the runs leave out."""
+    data = {"name": "norms-tiny", "claim": "GN matches BN at batch 32", "base": {"model": "simple_cnn"},
+            "grid": {"norm": ["bn", "gn", "ln"], "batch_size": [32, 2]}, "seeds": [0, 1],
+            "verdict": {"checks": ['mean(norm="gn", batch_size=32) >= 0.5']}}
+    return study_from_dict({**data, **({"reference": reference} if reference is not None else {})}, "test")
 
 
 @pytest.fixture
@@ -52,12 +44,6 @@ def study_dir(tmp_path):
     return root
 
 
-def _use_reference(monkeypatch, reference):
-    original = reporting.read_study
-    monkeypatch.setattr(reporting, "read_study",
-                        lambda root: (lambda s: s if s is None else with_reference(s, reference))(original(root)))
-
-
 def read_csv(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -69,11 +55,18 @@ def test_a_study_directory_is_named_by_its_study(study_dir, tmp_path):
     md = (study_dir / "report.md").read_text().splitlines()
     assert md[0] == "# reslab report: study norms-tiny"
     assert md[2] == f"Directory: `{study_dir}`"
-    page = (study_dir / "report.html").read_text()
-    assert "<title>reslab report: study norms-tiny</title>" in page
-    assert "<h1>reslab report: study norms-tiny</h1>" in page and str(study_dir) in page
+    page = read_page(study_dir / "report.html")
+    assert page.title == "reslab report: study norms-tiny" and page.headings[0] == (1, page.title)
+    assert f"Directory: {study_dir}" in page.paragraphs
+    # the verdict and its checks, the same on the page as in report.md
+    assert page.sections[0] == "verdict" and (2, "Verdict") in page.headings
+    checks = page.table("checks")
+    assert checks["section"] == "verdict" and checks["rows"][0][:2] == ['mean(norm="gn", batch_size=32) >= 0.5',
+                                                                         "holds"]
+    assert [(t["headers"], t["rows"]) for t in page.tables] == markdown_tables("\n".join(md))
+    assert any(p.startswith("supported at 95% confidence: GN matches BN at batch 32") for p in page.paragraphs)
     # no reference, no source column anywhere
-    assert "source" not in md[md.index(next(line for line in md if line.startswith("| norm")))]
+    assert "source %" not in page.table("summary")["headers"]
     assert "reference" not in (study_dir / "report.csv").read_text().splitlines()[0]
     assert "source" not in result.format_table()
 
@@ -82,12 +75,13 @@ def test_a_study_directory_is_named_by_its_study(study_dir, tmp_path):
     plain = report(tmp_path / "sweep")
     assert plain.study is None
     assert (tmp_path / "sweep" / "report.md").read_text().startswith(f"# reslab report: {tmp_path / 'sweep'}\n")
-    page = (tmp_path / "sweep" / "report.html").read_text()
-    assert f"<title>reslab report: {tmp_path / 'sweep'}</title>" in page and "<h1>reslab report</h1>" in page
+    page = read_page(tmp_path / "sweep" / "report.html")
+    assert page.title == f"reslab report: {tmp_path / 'sweep'}" and page.headings[0] == (1, page.title)
+    assert "verdict" not in page.sections and [t["id"] for t in page.tables] == ["summary"]
 
 
-def test_source_numbers_sit_beside_the_measured_ones(study_dir, monkeypatch, caplog):
-    _use_reference(monkeypatch, REFERENCE)
+def test_source_numbers_sit_beside_the_measured_ones(study_dir, caplog):
+    write_study(_study(REFERENCE), study_dir)
     with caplog.at_level(logging.INFO, logger="reslab.reporting"):
         result = report(study_dir)
     assert "no group of these runs matches {'norm': 'ln'}" in caplog.text
@@ -105,11 +99,11 @@ def test_source_numbers_sit_beside_the_measured_ones(study_dir, monkeypatch, cap
                 "mnist5k")
     assert sentence in md
 
-    page = (study_dir / "report.html").read_text()
-    headers = re.findall(r'<th scope="col">(.*?)</th>', page)
-    assert headers[headers.index("test acc (%)") + 1] == "source %"
-    assert "<td class=num>85.2-85.8</td>" in page and "<td class=num>76.4</td>" in page
-    assert "Source numbers: Wu &amp; He 2018, Table 3, on ImageNet - a different dataset" in page
+    page = read_page(study_dir / "report.html")
+    summary = page.table("summary")
+    assert summary["headers"][summary["headers"].index("test acc (%)") + 1] == "source %"
+    assert [row[6] for row in summary["rows"]] == ["", "76.4", "", "85.2-85.8"]
+    assert any(p.startswith(sentence) for p in page.paragraphs)
 
     table = result.format_table().splitlines()
     assert "source %" in table[0] and "85.2-85.8" in table[-1] and "76.4" in table[-3]
@@ -119,26 +113,33 @@ def test_source_numbers_sit_beside_the_measured_ones(study_dir, monkeypatch, cap
     assert [r["reference"] for r in rows] == ["", "0.764", "", "0.852-0.858"]
 
 
-def test_same_dataset_and_bad_entries(study_dir, monkeypatch, caplog):
-    reference = {**REFERENCE, "dataset": "MNIST5k",
-                 "groups": [{"where": {"norm": "gn", "batch_size": 2}, "value": "high"},  # not a number
-                            {"where": {"norm": "gn", "batch_size": 2}, "value": 0.9}]}
-    _use_reference(monkeypatch, reference)
-    with caplog.at_level(logging.WARNING, logger="reslab.reporting"):
-        result = report(study_dir)
-    assert "left out" in caplog.text and "'high'" in caplog.text
+def test_same_dataset_says_so(study_dir):
+    reference = {**REFERENCE, "dataset": "MNIST5k", "groups": [{"norm": "gn", "batch_size": 2, "value": 0.9}]}
+    write_study(_study(reference), study_dir)
+    result = report(study_dir)
     assert [g["reference"] for g in result.groups] == [None, None, 0.9, None]
     md = (study_dir / "report.md").read_text()
     assert "Source numbers: Wu & He 2018, Table 3, on MNIST5k, the dataset of these runs." in md
     assert "a different dataset" not in md
 
-    _use_reference(monkeypatch, "Wu & He 2018")  # not a mapping: no column, a warning, the report still writes
-    result = report(study_dir)
-    assert result.reference is None and "source %" not in (study_dir / "report.md").read_text()
 
-
-def test_a_percentage_given_for_a_fraction_is_flagged(study_dir, monkeypatch, caplog):
-    _use_reference(monkeypatch, {**REFERENCE, "groups": [{"where": {"norm": "gn", "batch_size": 32}, "value": 85.2}]})
-    with caplog.at_level(logging.WARNING, logger="reslab.reporting"):
+@pytest.mark.parametrize("reference, message", [
+    ("Wu & He 2018", "'reference' needs 'groups'"),  # not a mapping
+    ({**REFERENCE, "groups": [{"norm": "gn", "batch_size": 2, "value": "high"}]}, "must be a number or [low, high]"),
+    ({**REFERENCE, "groups": [{"norm": "gn", "batch_size": 2, "value": float("nan")}]}, "must be a number"),
+])
+def test_a_study_whose_reference_is_not_numbers_is_refused_before_any_report(study_dir, reference, message):
+    # the numbers beside the measured ones must be the source's, never a guess at them
+    with pytest.raises(SpecError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        _study(reference)
+    study = _study().to_dict()
+    (study_dir / "study.yaml").write_text(yaml.safe_dump({**study, "reference": reference}))
+    with pytest.raises(SpecError, match="study.yaml"):
         report(study_dir)
+    assert not (study_dir / "report.md").exists()
+
+
+def test_a_percentage_given_for_a_fraction_is_flagged(caplog):
+    with caplog.at_level(logging.WARNING, logger="reslab.studies"):
+        _study({**REFERENCE, "groups": [{"norm": "gn", "batch_size": 32, "value": 85.2}]})
     assert "reference accuracies are fractions" in caplog.text

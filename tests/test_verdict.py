@@ -5,13 +5,18 @@ from the textbook formulas; the Monte Carlo tests check the error rates the
 verdict promises at its confidence.
 """
 
+import dataclasses
+import functools
 import math
 import random
+from pathlib import Path
 
 import pytest
 from scipy import stats
 
+from reslab.config import TrainConfig
 from reslab.errors import SpecError
+from reslab.rundir import Run
 from reslab.verdict import (
     FAILS,
     HOLDS,
@@ -19,7 +24,6 @@ from reslab.verdict import (
     NOT_SUPPORTED,
     SUPPORTED,
     UNKNOWN,
-    RunResult,
     evaluate,
     evaluate_check,
     parse_check,
@@ -31,21 +35,35 @@ BATCH_CLAIM = [
 ]
 
 
+BASE = TrainConfig()
+
+
+@functools.cache
+def config(**fields):
+    """A run's config: the defaults with ``fields`` (one object per set of values: the verdict only reads it)."""
+    return dataclasses.replace(BASE, **fields)
+
+
+def run(status, summary, **fields):
+    """A finished run as the verdict reads it: its config and its summary.json."""
+    return Run(path=Path("-".join(f"{k}={v}" for k, v in fields.items())), config=config(**fields),
+               summary={"status": status, **summary})
+
+
 def runs(table, metric="final_eval_acc"):
-    """{(norm, batch): [acc or 'diverged', ...]} -> RunResults, seeds 0, 1, ... within each group."""
+    """{(norm, batch): [acc or 'diverged', ...]} -> runs, seeds 0, 1, ... within each group."""
     out = []
     for (norm, batch), values in table.items():
         for seed, value in enumerate(values):
-            values_ = {"norm": norm, "batch_size": batch, "seed": seed}
             if value in ("diverged", "failed"):
-                out.append(RunResult(values_, value, {metric: None}))
+                out.append(run(value, {metric: None}, norm=norm, batch_size=batch, seed=seed))
             else:
-                out.append(RunResult(values_, "completed", {metric: value}))
+                out.append(run("completed", {metric: value}, norm=norm, batch_size=batch, seed=seed))
     return out
 
 
 def groups(**samples):
-    """norm=[values] -> RunResults (batch 32)."""
+    """norm=[values] -> runs (batch 32)."""
     return runs({(norm, 32): values for norm, values in samples.items()})
 
 
@@ -200,7 +218,7 @@ def test_holm_correction_across_checks():
 
 
 def test_other_metrics_and_confidence():
-    rows = [RunResult({"model": m, "seed": s}, "completed", {"final_train_loss": loss, "final_eval_acc": 0.9})
+    rows = [run("completed", {"final_train_loss": loss, "final_eval_acc": 0.9}, model=m, seed=s)
             for m, s, loss in [("p20", 0, 0.10), ("p20", 1, 0.12), ("p20", 2, 0.11),
                                ("p56", 0, 0.50), ("p56", 1, 0.55), ("p56", 2, 0.52)]]
     checks = ['mean(model="p56", metric="final_train_loss") > mean(model="p20", metric="final_train_loss") + 0.2']
@@ -208,6 +226,15 @@ def test_other_metrics_and_confidence():
     assert evaluate("depth", "claim", checks, rows, confidence=0.999999).verdict == INCONCLUSIVE
     with pytest.raises(SpecError, match="between 0.5 and 1"):
         evaluate("depth", "claim", checks, rows, confidence=1.5)
+
+
+def test_a_group_is_selected_by_the_runs_config_fields():
+    rows = runs({("bn", 32): [0.90, 0.92], ("bn", 2): [0.70, 0.72]})
+    check = evaluate_check('mean(norm="bn", batch_size="32") > 0.5', rows)  # text "32" selects batch_size 32
+    assert check.n == {"mean(norm='bn', batch_size='32')": 2} and check.terms[0]["value"].startswith("0.91 ")
+    assert evaluate_check('n(norm="bn") >= 4', rows).result == HOLDS  # batch_size left out: pooled
+    nowhere = evaluate_check('mean(colour="red") > 0.5', rows)  # no config has the field: no run matches
+    assert nowhere.result == UNKNOWN and "no run matches" in nowhere.value
 
 
 # --- calibration: Monte Carlo over synthetic studies -----------------------------------------------
@@ -229,6 +256,7 @@ def simulate(means, seeds, rng, sd=0.02):
     return groups(**{g: [rng.gauss(m, sd) for _ in range(seeds)] for g, m in means.items()})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("seeds", [2, 3, 5, 10])
 def test_false_support_stays_below_one_minus_confidence_at_the_threshold(shape, seeds):
@@ -241,6 +269,7 @@ def test_false_support_stays_below_one_minus_confidence_at_the_threshold(shape, 
     assert wrong / REPEATS <= 0.05 + SLACK
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seeds", [2, 3, 5])
 def test_false_rejection_of_a_true_claim_stays_below_one_minus_confidence_with_several_checks(seeds):
     """Three true checks at their thresholds: Holm keeps "not supported" at most 1 - C of the time."""
@@ -251,6 +280,7 @@ def test_false_rejection_of_a_true_claim_stays_below_one_minus_confidence_with_s
     assert wrong / REPEATS <= 0.05 + SLACK
 
 
+@pytest.mark.slow
 def test_false_support_of_a_proportion_claim_stays_below_one_minus_confidence():
     rng = random.Random(7)
     wrong = 0
@@ -269,6 +299,7 @@ def test_one_run_groups_never_decide():
         assert v.verdict == INCONCLUSIVE
 
 
+@pytest.mark.slow
 def test_power_grows_with_seeds_and_seeds_needed_predicts_it():
     """A true effect one spread above the threshold: more seeds decide it more often."""
     rng = random.Random(5)

@@ -17,10 +17,14 @@ overstates what the model does on unseen data.  For other runs the CSV keeps the
 Written into DIR (each file atomically: whole or absent):
 
 - ``report.csv``     one row per group, accuracies as fractions (machine-readable)
-- ``report.md``      the same table, accuracies in % with ±, and the eval split
+- ``report.md``      the report: the table with accuracies in % with ±, the eval split, the plots
 - ``train_loss.png`` train-loss curves per group (mean ± std over runs per epoch)
 - ``eval_acc.png``   final eval accuracy per group, bars with ±std error bars
-- ``report.html``    one self-contained page: table and plots (inline base64 PNGs)
+- ``report.html``    the same report as one self-contained page (inline CSS and base64 PNGs, no script)
+
+The report is collected once, as a list of :class:`Section` s (paragraphs, lists,
+tables, figures), and that one list is rendered to markdown and to HTML, so the
+two files say the same thing.
 
 A study directory (one holding the ``study.yaml`` it was run for) is named by its
 study in the heading, and gets the study's verdict.  A study that quotes the
@@ -42,10 +46,11 @@ import io
 import json
 import logging
 import math
+import re
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -56,46 +61,23 @@ from .config import EXECUTION_FIELDS, TrainConfig
 from .errors import SpecError
 from .fileio import atomic_write_json, atomic_write_text
 from .plots import plot_mean_bars, plot_mean_curves, series_style
-from .rundir import (
-    CONFIG_FILE,
-    SUMMARY_FILE,
-    UnreadableRecord,
-    is_run_dir,
-    read_config_mapping,
-    read_metrics,
-    read_steps,
-    read_summary,
-    read_sweep_plan,
-)
-from .studies import MEASUREMENTS_FILE, VERDICT_FILE, Study, read_study
-from .tables import format_table, format_value
-from .verdict import RunResult, Verdict, matches_value
+from .rundir import CONFIG_FILE, SUMMARY_FILE, Run, UnreadableRecord, is_run_dir, read_sweep_plan
+from .studies import MEASUREMENTS_FILE, VERDICT_FILE, Study, is_fraction_metric, read_study
+from .tables import format_table, format_value, table_cells
+from .verdict import Verdict, matches_value, run_field
 
 log = logging.getLogger(__name__)
 
-# Fields that never define a group: the seed is what a group averages over; the
-# rest say where or how a run executes, not what it computes.
-# the seed and every field that says only where or how a run executes (channels_last, tensorboard, ...)
+# the seed and every field that says only where or how a run executes (channels_last, tensorboard, ...):
+# the seed is what a group averages over; the rest say where or how a run executes, not what it computes
 NEVER_GROUP = ("seed", *EXECUTION_FIELDS)
+CONFIG_FIELDS = [f.name for f in fields(TrainConfig)]  # what a run's config holds, in TrainConfig's order
 MAX_DEPTH = 2  # DIR/<run> and DIR/<sweep>/<run>
 CSV_FILE, MD_FILE, HTML_FILE = "report.csv", "report.md", "report.html"
 LOSS_PLOT, ACC_PLOT = "train_loss.png", "eval_acc.png"
 STAT_COLUMNS = ("n", "completed", "diverged", "eval_acc_mean", "eval_acc_std", "best_eval_acc_mean",
                 "train_loss_mean", "train_loss_std", "wall_time_s_mean")
 REFERENCE_COLUMN = "reference"  # CSV column (and group row key) of a study's source number; only with one
-
-
-@dataclass
-class Run:
-    path: Path
-    config: dict[str, Any]
-    summary: dict[str, Any] | None  # None: the run has not finished (no summary.json)
-    metrics: list[dict[str, Any]]
-    steps: list[dict[str, Any]] = field(default_factory=list)  # steps.jsonl: loss and lr per logged interval
-
-    @property
-    def status(self) -> str:
-        return self.summary.get("status", "failed") if self.summary is not None else "incomplete"
 
 
 @dataclass
@@ -108,7 +90,7 @@ class Report:
     files: list[Path]
     eval_split: str  # "test", "val", or "test, val" when the runs disagree
     incomplete: int = 0  # runs without a summary.json, left out of every number
-    runs: list[Run] = field(default_factory=list, repr=False)
+    runs: list[Run] = field(default_factory=list, repr=False)  # the finished runs the numbers come from
     verdict: Verdict | None = None  # a study directory's claim, judged from these runs
     setup: dict[str, Any] = field(default_factory=dict)  # what was held fixed, and the command that reruns it
     study: str | None = None  # the study's name when the directory is a study directory
@@ -123,21 +105,9 @@ class Report:
         return _shows_best(self.eval_split)
 
     def format_table(self) -> str:
-        """The table for the terminal: accuracies in %, mean ± std; the study's source numbers beside them."""
-        split = _split_word(self.eval_split)
-        best = self.shows_best
-        source = [_source_header(self.reference)] if self.reference is not None else []
-        headers = [*self.fields, "n", "completed", "diverged", f"{split} acc %",
-                   *([f"best {split} acc %"] if best else []), *source, "train loss", "wall s"]
-        acc = _rjust([_pm(g["eval_acc_mean"], g["eval_acc_std"], 100, 2) for g in self.groups])
-        loss = _rjust([_pm(g["train_loss_mean"], g["train_loss_std"], 1, 4) for g in self.groups])
-        refs = _rjust([_source_cell(self.reference, g.get(REFERENCE_COLUMN)) for g in self.groups])
-        rows = [
-            [*(_label(g[f]) for f in self.fields), g["n"], g["completed"], g["diverged"], a,
-             *([_pct(g["best_eval_acc_mean"])] if best else []), *([r] if source else []), l, g["wall_time_s_mean"]]
-            for g, a, r, l in zip(self.groups, acc, refs, loss)
-        ]
-        return format_table(headers, rows)
+        """The report's table for the terminal: accuracies in %, mean ± std; the study's source numbers beside."""
+        table = summary_table(self)
+        return format_table(table.headers, table.rows, right=table.right)
 
 
 def report(directory: str | Path, *, group_by: str | Sequence[str] | None = None,
@@ -150,23 +120,8 @@ def report(directory: str | Path, *, group_by: str | Sequence[str] | None = None
     (default: the study's own), into ``verdict.json``.
     """
     root = Path(directory)
-    if not root.is_dir():
-        raise SpecError(f"report: {str(directory)!r} is not a directory")
-    found = _in_sweep_order(root, find_runs(root))
-    finished = [r for r in found if r.summary is not None]
-    if not finished:
-        if found:
-            raise SpecError(f"report: none of the {len(found)} runs in {str(directory)!r} has finished (no {SUMMARY_FILE})")
-        raise SpecError(f"report: no runs in {str(directory)!r} (no folder with a {CONFIG_FILE})")
-    incomplete = len(found) - len(finished)
-    if incomplete:
-        log.info("%d of %d runs have not finished (no %s) and are left out", incomplete, len(found), SUMMARY_FILE)
-    for run in finished:
-        if run.status == "failed":
-            log.warning("run %s failed: %s", run.path, run.summary.get("error", "no error recorded"))
-
-    names = _config_names(finished)
-    group_fields = _resolve_group_by(group_by, names) if group_by is not None else varied_fields(finished, names)
+    found, finished = _finished_runs(root)
+    group_fields = _resolve_group_by(group_by) if group_by is not None else varied_fields(finished)
     groups = _group(finished, group_fields)
     splits = sorted({str(r.summary.get("eval_split")) for r in finished if r.summary.get("eval_split")})
     eval_split = ", ".join(splits) or "test"
@@ -175,31 +130,57 @@ def report(directory: str | Path, *, group_by: str | Sequence[str] | None = None
     rows = [_row(key, runs, group_fields, best=_shows_best(eval_split)) for key, runs in groups]
 
     result = Report(directory=root, fields=group_fields, groups=rows, files=[], eval_split=eval_split,
-                    incomplete=incomplete, runs=finished)
-    dest = Path(out) if out is not None else root
+                    incomplete=len(found) - len(finished), runs=finished)
     started = time.perf_counter()
     study = read_study(root)
     if study is not None:
         result.study = study.name
-        result.verdict = study.verdict([RunResult(values=r.config, status=r.status, summary=r.summary)
-                                        for r in finished], confidence)
-        result.reference = _check_reference(getattr(study, "reference", None))
+        result.verdict = study.verdict(finished, confidence)
+        result.reference = study.reference
         if result.reference is not None:
             _attach_reference(result.reference, groups, rows)
     result.setup = describe_setup(root, finished, group_fields, study)
     result.measurements = read_measurements(root)
-    labels = [_group_label(row, group_fields) for row in rows]
-    loss_png = _plot_losses(groups, labels, group_fields, dest / LOSS_PLOT)
-    acc_png = _plot_accuracy(rows, labels, group_fields, eval_split, dest / ACC_PLOT)
-    csv_file = atomic_write_text(dest / CSV_FILE, to_csv(result))
-    md_file = atomic_write_text(dest / MD_FILE, to_markdown(result))
-    html_file = atomic_write_text(dest / HTML_FILE, to_html(result, [loss_png, acc_png]))
-    result.files = [csv_file, md_file, loss_png, acc_png, html_file]
-    if result.verdict is not None:
-        result.files.append(atomic_write_json(dest / VERDICT_FILE, result.verdict.to_dict()))
+    dest = Path(out) if out is not None else root
+    result.files = _write(result, groups, dest)
     log.info("report: %d runs in %d groups, written to %s in %.1fs", len(finished), len(rows), dest,
              time.perf_counter() - started)
     return result
+
+
+def _finished_runs(root: Path) -> tuple[list[Run], list[Run]]:
+    """Every run under ``root`` in sweep order, and those of them that have ended; a SpecError if none has."""
+    if not root.is_dir():
+        raise SpecError(f"report: {str(root)!r} is not a directory")
+    found = _in_sweep_order(root, find_runs(root))
+    finished = [r for r in found if r.summary is not None]
+    if not finished:
+        if found:
+            raise SpecError(f"report: none of the {len(found)} runs in {str(root)!r} has finished (no {SUMMARY_FILE})")
+        raise SpecError(f"report: no runs in {str(root)!r} (no folder with a {CONFIG_FILE})")
+    incomplete = len(found) - len(finished)
+    if incomplete:
+        log.info("%d of %d runs have not finished (no %s) and are left out", incomplete, len(found), SUMMARY_FILE)
+    for run in finished:
+        if run.status == "failed":
+            log.warning("run %s failed: %s", run.path, run.summary.get("error", "no error recorded"))
+    return found, finished
+
+
+def _write(result: Report, groups: list[tuple[tuple, list[Run]]], dest: Path) -> list[Path]:
+    """The plots, the CSV, the report as markdown and as HTML, and a study's verdict.json, into ``dest``."""
+    figures = _figures(result, groups, dest)
+    sections = collect(result, figures)
+    title = _title(result)
+    footer = (f"Generated by reslab {__version__} from `{result.directory.resolve()}` on "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}.")
+    files = [atomic_write_text(dest / CSV_FILE, to_csv(result)),
+             atomic_write_text(dest / MD_FILE, to_markdown(title, sections, footer)),
+             *(f.path for f in figures),
+             atomic_write_text(dest / HTML_FILE, to_html(title, sections, footer))]
+    if result.verdict is not None:
+        files.append(atomic_write_json(dest / VERDICT_FILE, result.verdict.to_dict()))
+    return files
 
 
 # --- what was run -----------------------------------------------------------------------------
@@ -218,10 +199,10 @@ def describe_setup(root: Path, runs: list[Run], group_fields: list[str], study: 
         values = {_value(r, name) for r in runs}
         if len(values) == 1 and values != {None}:  # (None: an option left unset, e.g. no lr scaling)
             fixed[name] = next(iter(values))
-    seeds = sorted({r.config.get("seed", 0) for r in runs})
+    seeds = sorted({r.config.seed for r in runs})
     sizes = sorted({(r.summary.get("num_train"), r.summary.get("num_eval")) for r in runs
                     if r.summary.get("num_train") is not None})
-    versions = sorted({(str(r.summary.get("versions", {}).get("reslab")), str(r.summary.get("versions", {}).get("torch")))
+    versions = sorted({(str(r.summary["versions"].get("reslab")), str(r.summary["versions"].get("torch")))
                        for r in runs if r.summary.get("versions")})
     devices = sorted({str(r.summary.get("device")) for r in runs if r.summary.get("device")})
     return {"fixed": fixed, "varied": list(group_fields), "seeds": seeds, "sizes": sizes, "versions": versions,
@@ -259,33 +240,76 @@ def _rerun_command(root: Path, study: Study | None) -> str:
     return " ".join(parts)
 
 
-def _setup_lines(result: Report) -> list[str]:
-    """The setup as plain sentences (markdown marks only backticks)."""
-    s = result.setup
-    if not s:
-        return []
-    fixed = ", ".join(f"{k}=`{_label(v)}`" for k, v in s["fixed"].items()) or "nothing"
-    lines = [f"Held fixed: {fixed}.",
-             f"Varied: {', '.join(f'`{f}`' for f in s['varied']) or 'nothing'}; seeds {', '.join(map(str, s['seeds']))}."]
-    if s["sizes"]:
-        lines.append("Data: " + "; ".join(f"{a:,} train / {b:,} eval images" for a, b in s["sizes"]) + ".")
-    if s["versions"]:
-        lines.append("Versions: " + "; ".join(f"reslab {a}, torch {b}" for a, b in s["versions"])
-                     + (f"; device {', '.join(s['devices'])}" if s["devices"] else "") + ".")
-    lines.append(f"Rerun: `{s['command']}`")
-    return lines
+# --- the report as sections: collected once, rendered to markdown and to HTML --------------------
+# Text in paragraphs, list items and headings may mark `code` and **bold**, as markdown does; table cells
+# are plain text.
 
 
-def _verdict_markdown(result: Report) -> list[str]:
+@dataclass
+class Paragraph:
+    text: str
+    style: str = ""  # how the page sets it apart: note, meta, warn, or the verdict's verdict-<result>
+    id: str = ""
+
+
+@dataclass
+class Items:
+    items: list[str]
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[str]]
+    right: list[bool]  # per column: right-aligned (numbers)
+    id: str = ""
+    code: tuple[int, ...] = ()  # columns shown as code (a check's expression)
+
+
+@dataclass
+class Figure:
+    path: Path  # a PNG beside the report
+    alt: str  # what it shows, in a few words
+    caption: str  # how to read it
+
+
+Block = Paragraph | Items | Table | Figure
+
+
+@dataclass
+class Section:
+    title: str  # "" for the lead, which has no heading
+    blocks: list[Block] = field(default_factory=list)
+    id: str = ""
+    level: int = 2  # 3: a part of the level-2 section before it
+
+
+def collect(result: Report, figures: list[Figure]) -> list[Section]:
+    """Everything the report says, in reading order: the verdict first, then measurements, setup, results."""
+    lead = [Paragraph(f"Directory: `{result.directory}`", "meta", "directory")] if result.study else []
+    return [Section("", lead), *_verdict_sections(result), *_measurement_sections(result),
+            Section("Setup", [Items(_setup_items(result))], "setup"), _results_section(result, figures)]
+
+
+def _title(result: Report) -> str:
+    """The page's name: the study it was run for, else its directory."""
+    return f"reslab report: study {result.study}" if result.study else f"reslab report: {result.directory}"
+
+
+def _verdict_sections(result: Report) -> list[Section]:
     v = result.verdict
     if v is None:
         return []
     headers, rows = v.table()
-    lines = ["## Verdict", "", f"**{v.verdict}** at {100 * v.confidence:g}% confidence: {v.claim}", "",
-             v.method_sentence(), "", _md_row(headers), _md_row(["---"] * len(headers)),
-             *(_md_row([f"`{r[0]}`", *r[1:]]) for r in rows), "", "Group estimates, each with its interval:", ""]
-    lines += [f"- `{t['term']}` = {t['value']}" for t in _verdict_terms(v)]
-    return [*lines, ""]
+    terms = [f"`{t['term']}` = {t['value']}" for t in _verdict_terms(v)]
+    return [Section("Verdict", [
+        Paragraph(f"**{v.verdict}** at {100 * v.confidence:g}% confidence: {v.claim}",
+                  f"verdict-{v.verdict.replace(' ', '-')}"),
+        Paragraph(v.method_sentence(), "note"),
+        Table(headers, rows, [False] * len(headers), "checks", code=(0,)),
+        Paragraph("Group estimates, each with its interval:", "note"),
+        Items(terms),
+    ], "verdict")]
 
 
 def _verdict_terms(v: Verdict) -> list[dict[str, Any]]:
@@ -297,56 +321,190 @@ def _verdict_terms(v: Verdict) -> list[dict[str, Any]]:
     return list(seen.values())
 
 
+def _measurement_sections(result: Report) -> list[Section]:
+    """A section of the measurements, each table a part of it with its own heading."""
+    if not result.measurements:
+        return []
+    sections = [Section("Measurements", [], "measurements")]
+    for table in result.measurements:
+        blocks: list[Block] = [Paragraph(table["text"])] if table["text"] else []
+        if table["headers"]:
+            cells, right = table_cells(table["headers"], table["rows"])
+            blocks.append(Table(table["headers"], cells, right))
+        sections.append(Section(table["title"], blocks, level=3))
+    return sections
+
+
+def _setup_items(result: Report) -> list[str]:
+    """The setup as sentences, each one item."""
+    s = result.setup
+    fixed = ", ".join(f"{k}=`{_label(v)}`" for k, v in s["fixed"].items()) or "nothing"
+    lines = [f"Held fixed: {fixed}.",
+             f"Varied: {', '.join(f'`{f}`' for f in s['varied']) or 'nothing'}; "
+             f"seeds {', '.join(map(str, s['seeds']))}."]
+    if s["sizes"]:
+        lines.append("Data: " + "; ".join(f"{a:,} train / {b:,} eval images" for a, b in s["sizes"]) + ".")
+    if s["versions"]:
+        lines.append("Versions: " + "; ".join(f"reslab {a}, torch {b}" for a, b in s["versions"])
+                     + (f"; device {', '.join(s['devices'])}" if s["devices"] else "") + ".")
+    lines.append(f"Rerun: `{s['command']}`")
+    return lines
+
+
+def _results_section(result: Report, figures: list[Figure]) -> Section:
+    runs, groups = len(result.runs), len(result.groups)
+    varied = ", ".join(f"`{f}`" for f in result.fields) or "nothing (one group)"
+    split = _split_word(result.eval_split)
+    blocks: list[Block] = [
+        Paragraph(f"{runs} run{'s' if runs != 1 else ''} in {groups} group{'s' if groups != 1 else ''}; "
+                  f"grouped by {varied}.", "meta"),
+        summary_table(result),
+        Paragraph(_split_sentence(result.eval_split), "note" if split in ("test", "val") else "warn", "eval-split"),
+        Paragraph(_method_note(result), "note"),
+    ]
+    if result.reference is not None:
+        blocks.append(Paragraph(_reference_sentence(result), "note", "source-numbers"))
+    return Section("Results", [*blocks, *figures], "results")
+
+
+def summary_table(result: Report) -> Table:
+    """One row per group: the fields that define it, counts, accuracy in % (mean ± std), the study's source
+    number, train loss and wall time."""
+    split = _split_word(result.eval_split)
+    best = result.shows_best
+    ref = result.reference
+    headers = [*result.fields, "n", "completed", "diverged", f"{split} acc (%)",
+               *([f"best {split} acc (%)"] if best else []), *([_source_header(ref)] if ref is not None else []),
+               "final train loss", "wall time (s)"]
+    rows = []
+    for g in result.groups:
+        wall = g["wall_time_s_mean"]
+        rows.append([*(_label(g[f]) for f in result.fields), str(g["n"]), str(g["completed"]), str(g["diverged"]),
+                     _pm(g["eval_acc_mean"], g["eval_acc_std"], 100, 2),
+                     *([_pct(g["best_eval_acc_mean"])] if best else []),
+                     *([_source_cell(ref, g.get(REFERENCE_COLUMN))] if ref is not None else []),
+                     _pm(g["train_loss_mean"], g["train_loss_std"], 1, 4), "-" if wall is None else f"{wall:.1f}"])
+    right = [i >= len(result.fields) for i in range(len(headers))]
+    return Table(headers, rows, right, "summary")
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
+def _markdown_block(block: Block) -> list[str]:
+    if isinstance(block, Paragraph):
+        return [block.text]
+    if isinstance(block, Items):
+        return [f"- {item}" for item in block.items]
+    if isinstance(block, Table):
+        rows = [[f"`{c}`" if i in block.code else c for i, c in enumerate(row)] for row in block.rows]
+        return [_md_row(block.headers), _md_row(["---:" if r else "---" for r in block.right]),
+                *(_md_row(r) for r in rows)]
+    return [f"![{block.alt}]({block.path.name})", "", block.caption]
+
+
+def to_markdown(title: str, sections: list[Section], footer: str) -> str:
+    """The report as markdown: the figures are the PNGs beside it."""
+    lines = [f"# {title}", ""]
+    for section in sections:
+        if section.title:
+            lines += [f"{'#' * section.level} {section.title}", ""]
+        for block in section.blocks:
+            lines += [*_markdown_block(block), ""]
+    return "\n".join([*lines, footer, ""])
+
+
+_INLINE = re.compile(r"`([^`]+)`|\*\*([^*]+)\*\*")
+
+
+def _inline(text: str) -> str:
+    """Text as HTML: escaped, its `code` and **bold** marked up."""
+    out, pos = [], 0
+    for match in _INLINE.finditer(text):
+        code, bold = match.groups()
+        out += [html.escape(text[pos:match.start()]),
+                f"<code>{html.escape(code)}</code>" if code is not None else f"<strong>{html.escape(bold)}</strong>"]
+        pos = match.end()
+    return "".join([*out, html.escape(text[pos:])])
+
+
+def _attrs(**values: str) -> str:
+    return "".join(f' {name}="{html.escape(value)}"' for name, value in values.items() if value)
+
+
+def _html_block(block: Block) -> str:
+    esc = html.escape
+    if isinstance(block, Paragraph):
+        return f"<p{_attrs(**{'class': block.style, 'id': block.id})}>{_inline(block.text)}</p>"
+    if isinstance(block, Items):
+        return "<ul>" + "".join(f"<li>{_inline(item)}</li>" for item in block.items) + "</ul>"
+    if isinstance(block, Table):
+        head = "".join(f'<th scope="col">{esc(h)}</th>' for h in block.headers)
+        body = "\n".join("<tr>" + "".join(
+            f"<td{' class=num' if r else ''}>{f'<code>{esc(c)}</code>' if i in block.code else esc(c)}</td>"
+            for i, (c, r) in enumerate(zip(row, block.right, strict=True))) + "</tr>" for row in block.rows)
+        return f"<table{_attrs(id=block.id)}>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+    data = base64.b64encode(block.path.read_bytes()).decode("ascii")
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{esc(block.alt)}">'
+            f"<figcaption>{esc(block.caption)}</figcaption></figure>")
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1100px;
+       padding: 0 1rem; color: #1a1a1a; line-height: 1.45; }
+h1 { font-size: 1.5rem; margin-bottom: 0.2rem; }
+p.meta { color: #555; }
+table { border-collapse: collapse; margin: 1rem 0; font-size: 0.92rem; }
+th, td { border: 1px solid #ccc; padding: 0.3rem 0.65rem; }
+th { background: #f0f0f0; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tbody tr:nth-child(even) { background: #fafafa; }
+figure { margin: 1.5rem 0; }
+figure img { max-width: 100%; height: auto; border: 1px solid #e4e4e4; }
+figcaption { color: #555; font-size: 0.9rem; }
+.note { color: #555; font-size: 0.9rem; }
+.warn { color: #a40000; }
+.verdict-supported strong { color: #116611; } .verdict-not-supported strong { color: #a40000; }
+.verdict-inconclusive strong { color: #8a6d00; }
+"""
+
+
+def to_html(title: str, sections: list[Section], footer: str) -> str:
+    """The report as one self-contained page: inline CSS, the figures as base64 data URIs, nothing external."""
+    body, open_section = [], False
+    for section in sections:
+        if section.level <= 2 and open_section:
+            body.append("</section>")
+            open_section = False
+        if section.title and section.level <= 2:
+            body.append(f"<section{_attrs(id=section.id)}><h2>{_inline(section.title)}</h2>")
+            open_section = True
+        elif section.title:
+            body.append(f"<h{section.level}>{_inline(section.title)}</h{section.level}>")
+        body += [_html_block(block) for block in section.blocks]
+    if open_section:
+        body.append("</section>")
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)}</title>
+<style>{_CSS}</style>
+</head>
+<body>
+<h1>{html.escape(title)}</h1>
+{chr(10).join(body)}
+<p class="note" id="generated">{_inline(footer)}</p>
+</body>
+</html>
+"""
+
+
 # --- a study's source numbers ------------------------------------------------------------------
-
-
-def _check_reference(reference: Any) -> dict[str, Any] | None:
-    """A study's ``reference`` in one shape, or None (with a warning) where it has none that can be shown.
-
-    Each entry keeps its ``where`` (grid field: value) and its value, a number or a
-    ``(lo, hi)`` range - as published numbers come: "85.2", or "85.2-85.8" over
-    repeats.  An entry of another shape is left out with a warning naming it: the
-    numbers beside the measured ones must be the source's, never a guess at them.
-    """
-    if reference is None:
-        return None
-    if is_dataclass(reference) and not isinstance(reference, type):  # the same fields, as an object
-        reference = asdict(reference)
-    if not isinstance(reference, Mapping) or not isinstance(reference.get("groups"), (list, tuple)):
-        log.warning("study reference ignored: expected a mapping with a list 'groups', got %r", reference)
-        return None
-    entries = []
-    for entry in reference["groups"]:
-        where = entry.get("where") if isinstance(entry, Mapping) else None
-        value = _reference_value(entry.get("value")) if isinstance(entry, Mapping) else None
-        if not isinstance(where, Mapping) or value is None:
-            log.warning("study reference: entry %r left out (needs 'where': {field: value} and 'value': a number "
-                        "or [lo, hi])", entry)
-            continue
-        entries.append({"where": dict(where), "value": value})
-    checked = {"source": str(reference.get("source") or ""), "dataset": str(reference.get("dataset") or ""),
-               "metric": str(reference.get("metric") or ""), "groups": entries}
-    if _is_fraction_metric(checked) and any(v > 1 for e in entries for v in _bounds(e["value"])):
-        log.warning("study reference: an accuracy above 1 - reference accuracies are fractions (0.852, not 85.2)")
-    return checked
-
-
-def _bounds(value: float | tuple[float, float]) -> tuple[float, ...]:
-    return value if isinstance(value, tuple) else (value,)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _reference_value(value: Any) -> float | tuple[float, float] | None:
-    """A number, or a range as an ordered (lo, hi); None for anything else."""
-    if _is_number(value):
-        return float(value)
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) for v in value):
-        lo, hi = sorted(float(v) for v in value)
-        return (lo, hi)
-    return None
+# The study validated them when it was read (reslab.studies): each entry a ``where`` (field: value) and a
+# value, a number or [low, high].
 
 
 def _attach_reference(reference: dict[str, Any], groups: list[tuple[tuple, list[Run]]],
@@ -358,7 +516,7 @@ def _attach_reference(reference: dict[str, Any], groups: list[tuple[tuple, list[
     group - a study run over part of its grid - is only logged.
     """
     used = [False] * len(reference["groups"])
-    for (_, runs), row in zip(groups, rows):
+    for (_, runs), row in zip(groups, rows, strict=True):
         hits = [i for i, e in enumerate(reference["groups"])
                 if all(matches_value(_value(r, k), v) for r in runs for k, v in e["where"].items())]
         for i in hits:
@@ -366,19 +524,15 @@ def _attach_reference(reference: dict[str, Any], groups: list[tuple[tuple, list[
         if len(hits) > 1:
             log.warning("study reference: %d entries match one group; the first (%r) is shown", len(hits),
                         reference["groups"][hits[0]]["where"])
-        row[REFERENCE_COLUMN] = reference["groups"][hits[0]]["value"] if hits else None
-    for entry, hit in zip(reference["groups"], used):
+        value = reference["groups"][hits[0]]["value"] if hits else None
+        row[REFERENCE_COLUMN] = tuple(value) if isinstance(value, list) else value  # a range as (lo, hi)
+    for entry, hit in zip(reference["groups"], used, strict=True):
         if not hit:
             log.info("study reference: no group of these runs matches %r", entry["where"])
 
 
-def _is_fraction_metric(reference: dict[str, Any]) -> bool:
-    """Accuracies are fractions in the reference, shown in % as the measured ones are."""
-    return "acc" in (reference.get("metric") or "final_eval_acc").lower()
-
-
 def _source_header(reference: dict[str, Any]) -> str:
-    return "source %" if _is_fraction_metric(reference) else "source"
+    return "source %" if is_fraction_metric(reference["metric"]) else "source"
 
 
 def _source_cell(reference: dict[str, Any] | None, value: float | tuple[float, float] | None) -> str:
@@ -388,7 +542,7 @@ def _source_cell(reference: dict[str, Any] | None, value: float | tuple[float, f
     """
     if reference is None or value is None:
         return ""
-    if _is_fraction_metric(reference):
+    if is_fraction_metric(reference["metric"]):
         def one(v: float) -> str:
             return f"{100 * v:.2f}".rstrip("0").rstrip(".")
     else:
@@ -476,52 +630,6 @@ def _check_measurements(data: Any) -> list[dict[str, Any]]:
     return tables
 
 
-def _measurement_cells(table: dict[str, Any]) -> tuple[list[bool], list[list[str]]]:
-    """Which columns are numeric and each cell's text, as ``reslab.tables.format_table`` decides them:
-    numbers to 4 significant figures, None as '-', a column of numbers only right-aligned."""
-    rows = table["rows"]
-    numeric = [bool(rows) and all(isinstance(r[i], (int, float)) or r[i] is None for r in rows)
-               for i in range(len(table["headers"]))]
-    return numeric, [[format_value(c) for c in r] for r in rows]
-
-
-def _md_row(cells: Sequence[str]) -> str:
-    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-
-
-def _measurements_markdown(result: Report) -> list[str]:
-    if not result.measurements:
-        return []
-    lines = ["## Measurements", ""]
-    for table in result.measurements:
-        lines += [f"### {table['title']}", ""]
-        if table["text"]:
-            lines += [table["text"], ""]
-        if table["headers"]:
-            numeric, cells = _measurement_cells(table)
-            lines += [_md_row(table["headers"]), _md_row(["---:" if num else "---" for num in numeric]),
-                      *(_md_row(r) for r in cells), ""]
-    return lines
-
-
-def _measurements_html(result: Report) -> str:
-    if not result.measurements:
-        return ""
-    esc = html.escape
-    parts = ['<section id="measurements"><h2>Measurements</h2>']
-    for table in result.measurements:
-        parts.append(f"<h3>{esc(table['title'])}</h3>")
-        if table["text"]:
-            parts.append(f"<p>{esc(table['text'])}</p>")
-        if table["headers"]:
-            numeric, cells = _measurement_cells(table)
-            head = "".join(f"<th>{esc(h)}</th>" for h in table["headers"])
-            body = "".join("<tr>" + "".join(f'<td{" class=num" if num else ""}>{esc(c)}</td>'
-                                            for c, num in zip(r, numeric)) + "</tr>" for r in cells)
-            parts.append(f'<table class="measurements"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
-    return "".join(parts) + "</section>\n"
-
-
 # --- finding and reading runs ---------------------------------------------------------
 
 
@@ -532,7 +640,7 @@ def _in_sweep_order(root: Path, runs: list[Run]) -> list[Run]:
     if not isinstance(run_ids, list):
         return runs
     order = {str(run_id): i for i, run_id in enumerate(run_ids)}
-    return sorted(runs, key=lambda r: order.get(r.path.name, len(order)))
+    return sorted(runs, key=lambda r: order.get(r.run_id, len(order)))
 
 
 def find_runs(root: Path) -> list[Run]:
@@ -556,53 +664,43 @@ def find_runs(root: Path) -> list[Run]:
 
 
 def _read_run(folder: Path) -> Run | None:
-    """The run in ``folder``, or None (with a warning) where its config.yaml cannot be read."""
+    """The run in ``folder``, or None (with a warning) where its config.yaml cannot be read as a config."""
     try:
-        config = read_config_mapping(folder)
+        run = Run.read(folder)
     except UnreadableRecord as exc:
         log.warning("skipping %s: unreadable %s (%s)", folder, CONFIG_FILE, exc.reason)
         return None
-    summary = read_summary(folder)
-    if summary is None and (folder / SUMMARY_FILE).is_file():
+    if run.summary is None and (folder / SUMMARY_FILE).is_file():
         log.warning("%s: unreadable %s; counted as not finished", folder, SUMMARY_FILE)
-    return Run(path=folder, config=config, summary=summary, metrics=read_metrics(folder), steps=read_steps(folder))
+    return run
 
 
 # --- grouping ------------------------------------------------------------------------------
 
 
-_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
-
-
-def _config_names(runs: list[Run]) -> list[str]:
-    """Every config key the runs use: TrainConfig's fields in their order, then unknown keys sorted."""
-    keys = {k for r in runs for k in r.config}
-    return [n for n in _DEFAULTS if n in keys] + sorted(keys - _DEFAULTS.keys())
-
-
 def _value(run: Run, name: str) -> Any:
-    """A run's value for a field, hashable; a key its config lacks has the field's default."""
-    value = run.config.get(name, _DEFAULTS.get(name))
+    """A run's config field, hashable (a policy mapping as JSON text)."""
+    value = run_field(run, name)
     if isinstance(value, (list, dict)):
         return json.dumps(value, sort_keys=True)
     return value
 
 
-def varied_fields(runs: list[Run], names: list[str] | None = None) -> list[str]:
+def varied_fields(runs: list[Run]) -> list[str]:
     """The config fields (besides NEVER_GROUP) that do not hold one value across ``runs``."""
-    names = names if names is not None else _config_names(runs)
-    return [n for n in names if n not in NEVER_GROUP and len({_value(r, n) for r in runs}) > 1]
+    return [n for n in CONFIG_FIELDS if n not in NEVER_GROUP and len({_value(r, n) for r in runs}) > 1]
 
 
-def _resolve_group_by(group_by: str | Sequence[str], names: list[str]) -> list[str]:
+def _resolve_group_by(group_by: str | Sequence[str]) -> list[str]:
     requested = group_by.split(",") if isinstance(group_by, str) else list(group_by)
     resolved = []
     for item in requested:
         name = str(item).strip().lstrip("-").replace("-", "_")
         if not name:
             continue
-        if name not in names:
-            raise SpecError(f"report: unknown --group-by field {str(item).strip()!r}; valid fields: {', '.join(names)}")
+        if name not in CONFIG_FIELDS:
+            raise SpecError(f"report: unknown --group-by field {str(item).strip()!r}; "
+                            f"valid fields: {', '.join(CONFIG_FIELDS)}")
         if name not in resolved:
             resolved.append(name)
     return resolved
@@ -631,7 +729,7 @@ def _group(runs: list[Run], group_fields: list[str]) -> list[tuple[tuple, list[R
     for run in runs:
         groups.setdefault(tuple(_value(run, n) for n in group_fields), []).append(run)
     orders = [_value_order(runs, n) for n in group_fields]
-    return sorted(groups.items(), key=lambda item: tuple(o[v] for o, v in zip(orders, item[0])))
+    return sorted(groups.items(), key=lambda item: tuple(o[v] for o, v in zip(orders, item[0], strict=True)))
 
 
 # --- statistics --------------------------------------------------------------------------
@@ -659,7 +757,7 @@ def _row(key: tuple, runs: list[Run], group_fields: list[str], *, best: bool) ->
 
     acc, loss = stat("final_eval_acc"), stat("final_train_loss")
     return {
-        **dict(zip(group_fields, key)),
+        **dict(zip(group_fields, key, strict=True)),
         "n": len(runs),
         "completed": len(completed),
         "diverged": sum(r.status == "diverged" for r in runs),
@@ -729,11 +827,6 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
-def _rjust(cells: list[str]) -> list[str]:
-    width = max((len(c) for c in cells), default=0)
-    return [c.rjust(width) for c in cells]
-
-
 def _shows_best(eval_split: str) -> bool:
     """A best-epoch accuracy is selection on the split it is measured on: honest on validation data only."""
     return eval_split == "val"
@@ -758,25 +851,6 @@ def _group_label(row: dict[str, Any], group_fields: list[str]) -> str:
     return ", ".join(_label(row[f]) for f in group_fields)
 
 
-def _display_table(result: Report) -> tuple[list[str], list[list[str]]]:
-    """Headers and text cells shared by the markdown and HTML tables."""
-    split = _split_word(result.eval_split)
-    best = result.shows_best
-    ref = result.reference
-    headers = [*result.fields, "n", "completed", "diverged", f"{split} acc (%)",
-               *([f"best {split} acc (%)"] if best else []), *([_source_header(ref)] if ref is not None else []),
-               "final train loss", "wall time (s)"]
-    rows = []
-    for g in result.groups:
-        wall = g["wall_time_s_mean"]
-        rows.append([*(_label(g[f]) for f in result.fields), str(g["n"]), str(g["completed"]), str(g["diverged"]),
-                     _pm(g["eval_acc_mean"], g["eval_acc_std"], 100, 2),
-                     *([_pct(g["best_eval_acc_mean"])] if best else []),
-                     *([_source_cell(ref, g.get(REFERENCE_COLUMN))] if ref is not None else []),
-                     _pm(g["train_loss_mean"], g["train_loss_std"], 1, 4), "-" if wall is None else f"{wall:.1f}"])
-    return headers, rows
-
-
 def _method_note(result: Report) -> str:
     failed = sum(r.status == "failed" for r in result.runs)
     note = ("Mean ± sample standard deviation (ddof=1) over the completed runs of each group, final epoch; "
@@ -792,7 +866,8 @@ def _method_note(result: Report) -> str:
     if failed:
         note += f" {failed} run{'s' if failed != 1 else ''} failed (n - completed - diverged)."
     if result.incomplete:
-        note += f" {result.incomplete} unfinished run{'s' if result.incomplete != 1 else ''} (no summary.json) left out."
+        runs = "run" if result.incomplete == 1 else "runs"
+        note += f" {result.incomplete} unfinished {runs} (no summary.json) left out."
     return note
 
 
@@ -809,157 +884,22 @@ def to_csv(result: Report) -> str:
     return buffer.getvalue()
 
 
-def _title(result: Report) -> str:
-    """The page's name: the study it was run for, else its directory."""
-    return f"reslab report: study {result.study}" if result.study else f"reslab report: {result.directory}"
-
-
-def to_markdown(result: Report) -> str:
-    headers, rows = _display_table(result)
-    line = _md_row
-    numeric_from = len(result.fields)
-    align = ["---" if i < numeric_from else "---:" for i in range(len(headers))]
-    varied = ", ".join(f"`{f}`" for f in result.fields) or "nothing (one group)"
-    runs = len(result.runs)
-    return "\n".join([
-        f"# {_title(result)}",
-        "",
-        *([f"Directory: `{result.directory}`", ""] if result.study else []),
-        *_verdict_markdown(result),
-        *_measurements_markdown(result),
-        *(["## Setup", "", *_setup_lines(result), "", "## Results", ""] if result.setup else []),
-        (f"{runs} run{'s' if runs != 1 else ''} in {len(result.groups)} "
-         f"group{'s' if len(result.groups) != 1 else ''}; grouped by {varied}."),
-        "",
-        line(headers), line(align), *(line(r) for r in rows),
-        "",
-        _split_sentence(result.eval_split),
-        _method_note(result),
-        *([_reference_sentence(result)] if result.reference is not None else []),
-        "",
-        f"![train loss per step]({LOSS_PLOT})",
-        "",
-        f"![final {_split_word(result.eval_split)} accuracy per group]({ACC_PLOT})",
-        "",
-    ])
-
-
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1100px;
-       padding: 0 1rem; color: #1a1a1a; line-height: 1.45; }
-h1 { font-size: 1.5rem; margin-bottom: 0.2rem; }
-p.meta { color: #555; margin-top: 0; }
-table { border-collapse: collapse; margin: 1rem 0; font-size: 0.92rem; }
-th, td { border: 1px solid #ccc; padding: 0.3rem 0.65rem; }
-th { background: #f0f0f0; text-align: left; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-tbody tr:nth-child(even) { background: #fafafa; }
-figure { margin: 1.5rem 0; }
-figure img { max-width: 100%; height: auto; border: 1px solid #e4e4e4; }
-figcaption { color: #555; font-size: 0.9rem; }
-.note { color: #555; font-size: 0.9rem; }
-.warn { color: #a40000; }
-.verdict-supported { color: #116611; } .verdict-not-supported { color: #a40000; } .verdict-inconclusive { color: #8a6d00; }
-"""
-
-# Marks each image once the browser has decoded it (data-loaded, its natural size
-# and where it sits), so a headless browser's DOM dump shows that the page renders.
-_SCRIPT = """
-window.addEventListener("load", () => {
-  for (const img of document.images) {
-    const box = img.getBoundingClientRect();
-    img.dataset.loaded = img.complete && img.naturalWidth > 0 ? "true" : "false";
-    img.dataset.naturalWidth = img.naturalWidth;
-    img.dataset.naturalHeight = img.naturalHeight;
-    img.dataset.box = [box.left, box.top + window.scrollY, box.width, box.height].map(Math.round).join(",");
-  }
-});
-"""
-
-
-def _verdict_html(result: Report) -> str:
-    v = result.verdict
-    if v is None:
-        return ""
-    esc = html.escape
-    headers, rows = v.table()
-    head = "".join(f'<th scope="col">{esc(h)}</th>' for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{'<code>' + esc(c) + '</code>' if i == 0 else esc(c)}</td>"
-                                    for i, c in enumerate(r)) + "</tr>" for r in rows)
-    terms = "".join(f"<li><code>{esc(t['term'])}</code> = {esc(t['value'])}</li>" for t in _verdict_terms(v))
-    return (f'<section id="verdict"><h2>Verdict: <span class="verdict-{v.verdict.replace(" ", "-")}">'
-            f"{esc(v.verdict)}</span> at {100 * v.confidence:g}% confidence</h2><p>{esc(v.claim)}</p>"
-            f"<p class=note>{esc(v.method_sentence().replace('`', ''))}</p>"
-            f'<table id="checks"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-            f"<p class=note>Group estimates, each with its interval:</p><ul>{terms}</ul></section>\n")
-
-
-def _setup_html(result: Report) -> str:
-    lines = _setup_lines(result)
-    if not lines:
-        return ""
-    items = "".join(f"<li>{html.escape(line).replace('`', '')}</li>" for line in lines)
-    return f'<section id="setup"><h2>Setup</h2><ul>{items}</ul></section>\n'
-
-
-def to_html(result: Report, images: list[Path]) -> str:
-    """One self-contained page: inline CSS, the plots as base64 data URIs, no external resources."""
-    esc = html.escape
-    headers, rows = _display_table(result)
-    numeric_from = len(result.fields)
-    head = "".join(f'<th scope="col">{esc(h)}</th>' for h in headers)
-    body = "\n".join(
-        "<tr>" + "".join(f'<td{" class=num" if i >= numeric_from else ""}>{esc(c)}</td>' for i, c in enumerate(r)) + "</tr>"
-        for r in rows
-    )
-    split = _split_word(result.eval_split)
-    captions = {
-        LOSS_PLOT: ("Training loss over training for each group (per logged step where runs recorded steps.jsonl, "
-                    "else per epoch): mean over completed runs, shaded band ±1 std.",
-                    "Train loss over training for each group (mean ± std over runs)"),
-        ACC_PLOT: (f"Final {split} accuracy per group: mean over completed runs, error bars ±1 std.",
-                   f"Bar chart of final {split} accuracy per group with standard-deviation error bars"),
-    }
-    figures = []
-    for path in images:
-        caption, alt = captions.get(path.name, (path.name, path.name))
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
-        figures.append(f'<figure><img src="data:image/png;base64,{data}" alt="{esc(alt)}">'
-                       f"<figcaption>{esc(caption)}</figcaption></figure>")
-    split_text = _split_sentence(result.eval_split).replace("**", "")
-    varied = ", ".join(result.fields) or "nothing (one group)"
-    generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    directory = f'<p class="meta" id="directory">{esc(str(result.directory))}</p>\n' if result.study else ""
-    reference = (f'<p class="note" id="source-numbers">{esc(_reference_sentence(result))}</p>\n'
-                 if result.reference is not None else "")
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{esc(_title(result))}</title>
-<style>{_CSS}</style>
-</head>
-<body>
-<h1>{esc(_title(result)) if result.study else "reslab report"}</h1>
-{directory}{_verdict_html(result)}{_measurements_html(result)}{_setup_html(result)}<p class="meta">{len(result.runs)} runs in {len(result.groups)} groups, grouped by {esc(varied)}.</p>
-<table id="summary">
-<thead><tr>{head}</tr></thead>
-<tbody>
-{body}
-</tbody>
-</table>
-<p class="{'note' if split in ('test', 'val') else 'warn'}" id="eval-split">{esc(split_text)}</p>
-<p class="note">{esc(_method_note(result))}</p>
-{reference}{chr(10).join(figures)}
-<p class="note" id="generated">Generated by reslab {esc(__version__)} from {esc(str(result.directory.resolve()))} on {esc(generated)}.</p>
-<script>{_SCRIPT}</script>
-</body>
-</html>
-"""
-
-
 # --- plots -----------------------------------------------------------------------------------
+
+
+def _figures(result: Report, groups: list[tuple[tuple, list[Run]]], dest: Path) -> list[Figure]:
+    """The report's two plots, drawn into ``dest``: train loss over training, final accuracy per group."""
+    labels = [_group_label(row, result.fields) for row in result.groups]
+    split = _split_word(result.eval_split)
+    loss = _plot_losses(groups, labels, result.fields, dest / LOSS_PLOT)
+    acc = _plot_accuracy(result.groups, labels, result.fields, result.eval_split, dest / ACC_PLOT)
+    return [
+        Figure(loss, "train loss over training per group (mean ± std over runs)",
+               "Training loss over training for each group (per logged step where runs recorded steps.jsonl, "
+               "else per epoch): mean over completed runs, shaded band ±1 std."),
+        Figure(acc, f"final {split} accuracy per group (bars with standard-deviation error bars)",
+               f"Final {split} accuracy per group: mean over completed runs, error bars ±1 std."),
+    ]
 
 
 def _lost_counts(diverged: int, failed: int) -> str:
@@ -977,7 +917,7 @@ def _legend_title(group_fields: list[str]) -> str:
 def _plot_losses(groups: list[tuple[tuple, list[Run]]], labels: list[str], group_fields: list[str],
                  path: Path) -> Path:
     series, left_out = [], []
-    for i, ((_, runs), label) in enumerate(zip(groups, labels)):
+    for i, ((_, runs), label) in enumerate(zip(groups, labels, strict=True)):
         curve = _loss_curve(runs)
         excluded = sum(r.status != "completed" for r in runs)
         if curve is None:

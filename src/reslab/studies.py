@@ -37,10 +37,12 @@ there.  No study needs Python code.
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -48,13 +50,17 @@ from .errors import SpecError, choices_error
 from .verdict import (
     DEFAULT_CONFIDENCE,
     DEFAULT_METRIC,
-    RunResult,
     Verdict,
-    matches_value,
     check_confidence,
     evaluate,
+    matches_value,
     parse_check,
 )
+
+if TYPE_CHECKING:
+    from .rundir import Run
+
+log = logging.getLogger(__name__)
 
 STUDY_DIR = Path(__file__).parent / "configs" / "studies"
 STUDY_FILE, VERDICT_FILE, MEASUREMENTS_FILE = "study.yaml", "verdict.json", "measurements.json"
@@ -75,7 +81,8 @@ class Study:
     metric: str = DEFAULT_METRIC
     confidence: float = DEFAULT_CONFIDENCE  # each check is judged at this confidence
     paired: bool = False  # groups that share their seeds are compared seed by seed
-    reference: dict[str, Any] | None = None  # the source's numbers: source, dataset, metric, groups [{where, value}]
+    # the source's numbers: source, dataset, metric, groups [{where, value: a number or [low, high]}]
+    reference: dict[str, Any] | None = None
     measure: tuple[str, ...] = ()  # reslab.measure measurements of the finished runs
     source: str = ""
     notes: str = ""
@@ -115,7 +122,8 @@ class Study:
                      "seeds": list(self.seeds)})
         if self.confidence != DEFAULT_CONFIDENCE:
             data["confidence"] = self.confidence
-        data["verdict"] = {"metric": self.metric, "checks": list(self.checks), **({"paired": True} if self.paired else {})}
+        data["verdict"] = {"metric": self.metric, "checks": list(self.checks),
+                           **({"paired": True} if self.paired else {})}
         if self.reference is not None:
             ref = self.reference
             data["reference"] = {**{k: ref[k] for k in ("source", "dataset", "metric") if ref.get(k)},
@@ -124,8 +132,9 @@ class Study:
             data["measure"] = list(self.measure)
         return data
 
-    def verdict(self, runs: Sequence[RunResult], confidence: float | None = None) -> Verdict:
-        """The claim judged from ``runs``, at the study's confidence unless another is given."""
+    def verdict(self, runs: Sequence[Run], confidence: float | None = None) -> Verdict:
+        """The claim judged from ``runs`` (its finished run records), at the study's confidence unless another
+        is given."""
         return evaluate(self.name, self.claim, self.checks, runs, self.metric,
                         confidence=self.confidence if confidence is None else confidence, paired=self.paired)
 
@@ -204,7 +213,11 @@ def _grid(grid: Any, where: str) -> dict[str, list[Any]] | list[dict[str, list[A
 
 def _reference(data: Any, grids: list[dict[str, list[Any]]], base: Mapping[str, Any],
                where: str) -> dict[str, Any] | None:
-    """The source's numbers per group; each group must be one the study runs."""
+    """The source's numbers per group, as published numbers come: "85.2", or "85.2-85.8" over repeats.
+
+    Each group must be one the study runs, each value a number or a range ``[low, high]`` (kept in that
+    order): the numbers shown beside the measured ones must be the source's, never a guess at them.
+    """
     if data is None:
         return None
     if not isinstance(data, Mapping) or not isinstance(data.get("groups"), list) or not data["groups"]:
@@ -221,15 +234,28 @@ def _reference(data: Any, grids: list[dict[str, list[Any]]], base: Mapping[str, 
         value = entry["value"]
         numbers = value if isinstance(value, list) else [value]
         if not (1 <= len(numbers) <= 2) or any(isinstance(v, bool) or not isinstance(v, (int, float))
-                                                for v in numbers):
+                                                or not math.isfinite(v) for v in numbers):
             raise SpecError(f"study {where}: reference value {value!r} must be a number or [low, high]")
         selector = {k: v for k, v in entry.items() if k != "value"}
         if not any(_selects(grid, base, selector) for grid in grids):
             raise SpecError(f"study {where}: reference group {selector} is not a group the study runs; its groups "
                             f"vary {', '.join(sorted({k for g in grids for k in g})) or 'nothing'}")
-        groups.append({"where": selector, "value": list(numbers) if len(numbers) == 2 else numbers[0]})
+        groups.append({"where": selector, "value": sorted(numbers) if len(numbers) == 2 else numbers[0]})
+    metric = str(data.get("metric") or DEFAULT_METRIC)
+    if is_fraction_metric(metric) and any(v > 1 for g in groups for v in _bounds(g["value"])):
+        log.warning("study %s: a reference accuracy above 1 - reference accuracies are fractions (0.852, not "
+                    "85.2)", where)
     return {"source": str(data.get("source") or ""), "dataset": str(data.get("dataset") or ""),
-            "metric": str(data.get("metric") or DEFAULT_METRIC), "groups": groups}
+            "metric": metric, "groups": groups}
+
+
+def is_fraction_metric(metric: str) -> bool:
+    """Whether ``metric`` is an accuracy: a fraction in summaries and references, shown in %."""
+    return "acc" in metric.lower()
+
+
+def _bounds(value: float | list[float]) -> list[float]:
+    return list(value) if isinstance(value, list) else [value]
 
 
 def _selects(grid: Mapping[str, list[Any]], base: Mapping[str, Any], selector: Mapping[str, Any]) -> bool:
@@ -340,5 +366,6 @@ def write_study(study: Study, directory: str | Path) -> Path:
     return atomic_write_text(Path(directory) / STUDY_FILE, yaml.safe_dump(study.to_dict(), sort_keys=False))
 
 
-__all__ = ["MEASUREMENTS_FILE", "STUDY_FILE", "VERDICT_FILE", "Study", "get_study", "list_studies", "load_study_file", "plan_study",
-           "read_study", "shipped_studies", "study_from_dict", "write_study"]
+__all__ = ["MEASUREMENTS_FILE", "STUDY_FILE", "VERDICT_FILE", "Study", "get_study", "is_fraction_metric",
+           "list_studies", "load_study_file", "plan_study", "read_study", "shipped_studies", "study_from_dict",
+           "write_study"]

@@ -13,15 +13,18 @@ The expression language (parsed with :mod:`ast`, never ``eval``):
 |---|---|
 | ``mean(field=value, ...)`` | mean of the study's metric over the completed runs of the group |
 | ``std(field=value, ...)`` | their sample std (ddof=1) |
-| ``frac(..., below=T)`` / ``frac(..., above=T)`` | the share of the group's runs whose metric is below / above T; a run that did not complete counts as meeting the condition with ``diverged=True``, as not meeting it otherwise |
-| ``frac(..., status="diverged")`` | the share of the group's runs that ended so (``completed``, ``diverged``, ``failed``) |
+| ``frac(..., below=T)`` / ``frac(..., above=T)`` | the share of the group's runs whose metric is below / above T |
+| ``frac(..., below=T, diverged=True)`` | the same, a run that did not complete counting as meeting the condition |
+| ``frac(..., status="diverged")`` | the share of the group's runs that ended so (completed, diverged, failed) |
 | ``diverged(...)``, ``failed(...)``, ``completed(...)``, ``n(...)`` | exact run counts in the group |
 | ``mean(..., metric="final_train_loss")`` | another number of ``summary.json`` (also for ``std`` and ``frac``) |
 | numbers, ``+ - * /``, ``abs()``, ``min()``, ``max()`` | arithmetic |
 | ``<  <=  >  >=`` | a comparison (one per check, chained, or joined with ``and`` / ``or`` / ``not``) |
 
-A group is selected by the fields it names; fields left out pool over their
-values (``mean(norm="bn")`` is every BN run).  Accuracies are fractions.
+A group is selected by the config fields it names; fields left out pool over
+their values (``mean(norm="bn")`` is every BN run).  Accuracies are fractions.
+The runs are :class:`reslab.rundir.Run` records: a check reads each run's config
+(``run.value(field)``), its status and its ``summary.json``.
 
 How a check is judged, at the study's confidence C (default 0.95):
 
@@ -69,9 +72,12 @@ import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import SpecError
+
+if TYPE_CHECKING:  # (only a type here: the verdict reads runs, and every command imports it cheaply)
+    from .rundir import Run
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
 HOLDS, FAILS, UNKNOWN = "holds", "fails", "inconclusive"
@@ -81,15 +87,6 @@ DEFAULT_METRIC = "final_eval_acc"
 DEFAULT_CONFIDENCE = 0.95
 POWER = 0.8  # the power seeds_needed plans for (Cohen's convention)
 MAX_SEEDS = 1000  # seeds_needed beyond this is reported as None: the effect is too small to chase
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """What a check reads of one run: its grid values, status and summary."""
-
-    values: Mapping[str, Any]   # config field -> value (the grid fields and the seed at least)
-    status: str                 # completed | diverged | failed
-    summary: Mapping[str, Any]
 
 
 @functools.cache
@@ -244,7 +241,7 @@ def _formula(node: ast.AST, text: str) -> _Leaf | _Node:
         return _Node("not", [_formula(node.operand, text)])
     if isinstance(node, ast.Compare):
         parts, left = [], node.left
-        for op, right in zip(node.ops, node.comparators):
+        for op, right in zip(node.ops, node.comparators, strict=True):
             symbol = _COMPARE[type(op)]
             big, small = (left, right) if symbol in (">", ">=") else (right, left)
             parts.append(_expand(_Leaf(big, small, symbol in (">", "<"), symbol in ("<", "<=")), text))
@@ -344,6 +341,14 @@ def _expand(leaf: _Leaf, text: str) -> _Leaf | _Node:
 # --- group statistics ----------------------------------------------------------------------------
 
 
+def run_field(run: Run, name: str) -> Any:
+    """The config field ``name`` of ``run``; None for a name no config has (a check may name any field)."""
+    try:
+        return run.value(name)
+    except AttributeError:
+        return None
+
+
 def matches_value(value: Any, wanted: Any) -> bool:
     if value == wanted:
         return True
@@ -439,7 +444,7 @@ def _clopper_pearson(k: int, n: int, confidence: float) -> tuple[float, float]:
 
 
 class _Groups:
-    def __init__(self, runs: Sequence[RunResult], metric: str):
+    def __init__(self, runs: Sequence[Run], metric: str):
         self.runs, self.metric = runs, metric
         self.terms: dict[str, Term] = {}
 
@@ -454,7 +459,7 @@ class _Groups:
         keywords = {kw.arg: kw.value.value for kw in call.keywords}
         metric = keywords.pop("metric", self.metric)
         options = {k: keywords.pop(k) for k in _FRAC_OPTIONS if name == "frac" and k in keywords}
-        runs = [r for r in self.runs if all(matches_value(r.values.get(k), v) for k, v in keywords.items())]
+        runs = [r for r in self.runs if all(matches_value(run_field(r, k), v) for k, v in keywords.items())]
         if name in COUNTS:
             count = len(runs) if name == "n" else sum(r.status == name for r in runs)
             return Term(label, "count", float(count), len(runs), len(runs))
@@ -463,7 +468,7 @@ class _Groups:
         if name == "frac":
             hits = [float(self._meets(r, metric, options)) for r in runs]
             return Term(label, "frac", statistics.fmean(hits), len(runs), len(runs), hits,
-                        [r.values.get("seed") for r in runs])
+                        [run_field(r, "seed") for r in runs])
         completed = [r for r in runs if r.status == "completed"]
         values = [_metric(r, metric) for r in completed]
         if len(completed) < len(runs) or any(v is None for v in values):
@@ -474,10 +479,10 @@ class _Groups:
             (statistics.stdev(values) if len(values) > 1 else math.nan)
         why = "" if name == "mean" or len(values) > 1 else "one run has no std"
         return Term(label, name, estimate, len(runs), len(values), values,
-                    [r.values.get("seed") for r in completed], why)
+                    [run_field(r, "seed") for r in completed], why)
 
     @staticmethod
-    def _meets(run: RunResult, metric: str, options: Mapping[str, Any]) -> bool:
+    def _meets(run: Run, metric: str, options: Mapping[str, Any]) -> bool:
         if "status" in options:
             return run.status == options["status"]
         value = _metric(run, metric) if run.status == "completed" else None
@@ -486,8 +491,8 @@ class _Groups:
         return value < options["below"] if "below" in options else value > options["above"]
 
 
-def _metric(run: RunResult, metric: str) -> float | None:
-    value = run.summary.get(metric)
+def _metric(run: Run, metric: str) -> float | None:
+    value = (run.summary or {}).get(metric)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
@@ -631,8 +636,9 @@ class _Judge:
         seed_sets = [t.seeds for t in weights]
         if any(len(set(s)) != len(s) or set(s) != set(seed_sets[0]) for s in seed_sets):
             return None
-        by_seed = [dict(zip(t.seeds, t.values)) for t in weights]
-        return [sum(w * values[s] for w, values in zip(weights.values(), by_seed)) for s in sorted(seed_sets[0])]
+        by_seed = [dict(zip(t.seeds, t.values, strict=True)) for t in weights]
+        return [sum(w * values[s] for w, values in zip(weights.values(), by_seed, strict=True))
+                for s in sorted(seed_sets[0])]
 
     def _t(self, leaf: _Leaf, gap: _Dual, weights: dict[Term, float], n: dict[str, int]) -> Comparison:
         lone = [t for t in weights if t.kind in ("mean", "std") and t.n < 2]
@@ -818,8 +824,8 @@ class Verdict:
 
     def table(self) -> tuple[list[str], list[list[str]]]:
         """The evidence as one row per check: result, gap(s) with intervals, p-value, n, seeds needed."""
-        headers = ["check", "result", f"estimate [{100 * self.confidence:g}% interval] vs threshold", "p", "n per group",
-                   "seeds needed"]
+        headers = ["check", "result", f"estimate [{100 * self.confidence:g}% interval] vs threshold", "p",
+                   "n per group", "seeds needed"]
         rows = []
         for e in self.evidence:
             ns = sorted(set(e.n.values()))
@@ -847,7 +853,7 @@ def _judge(node: _Leaf | _Node, judge: _Judge, out: list[Comparison]) -> tuple[f
     return min(1.0, k * min(holds)), max(fails), need
 
 
-def evaluate_check(text: str, runs: Sequence[RunResult], metric: str = DEFAULT_METRIC,
+def evaluate_check(text: str, runs: Sequence[Run], metric: str = DEFAULT_METRIC,
                    confidence: float = DEFAULT_CONFIDENCE, paired: bool = False) -> CheckResult:
     """One check judged from ``runs`` (before any correction across checks)."""
     confidence = check_confidence(confidence)
@@ -876,7 +882,7 @@ def _holm(p_values: Sequence[float]) -> list[float]:
     return adjusted
 
 
-def evaluate(study: str, claim: str, checks: Sequence[str], runs: Sequence[RunResult],
+def evaluate(study: str, claim: str, checks: Sequence[str], runs: Sequence[Run],
              metric: str = DEFAULT_METRIC, confidence: float = DEFAULT_CONFIDENCE, paired: bool = False) -> Verdict:
     """The study's verdict from its runs at ``confidence``; see the module docstring for the rules."""
     if not checks:
@@ -884,7 +890,7 @@ def evaluate(study: str, claim: str, checks: Sequence[str], runs: Sequence[RunRe
     confidence = check_confidence(confidence)
     evidence = [evaluate_check(c, runs, metric, confidence, paired) for c in checks]
     alpha = (1 - confidence) / 2
-    for e, adjusted in zip(evidence, _holm([e.p_fails for e in evidence])):
+    for e, adjusted in zip(evidence, _holm([e.p_fails for e in evidence]), strict=True):
         e.p_fails_holm = adjusted
         e.result = HOLDS if e.p_holds <= alpha else FAILS if adjusted <= alpha else UNKNOWN
     results = {e.result for e in evidence}
@@ -893,5 +899,5 @@ def evaluate(study: str, claim: str, checks: Sequence[str], runs: Sequence[RunRe
                    confidence=confidence, paired=paired)
 
 
-__all__ = ["CheckResult", "Comparison", "DEFAULT_CONFIDENCE", "INCONCLUSIVE", "NOT_SUPPORTED", "RunResult",
+__all__ = ["CheckResult", "Comparison", "DEFAULT_CONFIDENCE", "INCONCLUSIVE", "NOT_SUPPORTED",
            "SUPPORTED", "Term", "Verdict", "check_confidence", "evaluate", "evaluate_check", "parse_check"]
