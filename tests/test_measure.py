@@ -2,12 +2,12 @@
 
 import math
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 
+from conftest import TINY_RUN
 from reslab.config import TrainConfig
 from reslab.errors import SpecError
 from reslab.evaluate import load_run, split_data
@@ -23,16 +23,15 @@ from reslab.measure import (
     run_measurements,
 )
 from reslab.norms import GhostBatchNorm2d
-from reslab.rundir import MODEL_STATE, read_checkpoint
+from reslab.rundir import MODEL_STATE, Run, read_checkpoint
 from reslab.training import run_dataset, train
 
 BN_LAYERS = [("bn1", 16), ("bn2", 32), ("bn3", 64)]  # simple_cnn, in forward order
 
 
 def _train(out, norm):
-    cfg = dict(dataset="digits", model="simple_cnn", norm=norm, init="kaiming_normal", batch_size=32, epochs=1,
-               optimizer="sgd", lr=0.05, momentum=0.9, progress="none", out=str(out), seed=0)
-    result = train(TrainConfig(**cfg))
+    # the tiny run every test trains (tests/conftest.py), here shared by the module's tests
+    result = train(TrainConfig(**{**TINY_RUN, "norm": norm, "init": "kaiming_normal", "out": str(out)}))
     assert result.summary["status"] == "completed"
     return out
 
@@ -138,7 +137,7 @@ def test_measurement_groups_by_norm_and_batch_size(runs):
     root = runs["root"]
     entries = [
         (runs["ghost"].relative_to(root), _config(runs["ghost"]), "completed"),  # relative: under study_dir
-        SimpleNamespace(path=runs["bn"], config=_config(runs["bn"]), status="completed"),  # a report's Run
+        Run.read(runs["bn"]),  # the run record reports and sweeps read
         (root / "gn", {"norm": "gn", "batch_size": 32}, "completed"),  # not BatchNorm: never read
         (root / "lost", {"norm": "bn", "batch_size": 32}, "diverged"),  # not completed: never read
     ]

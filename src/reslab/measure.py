@@ -214,13 +214,20 @@ def is_batchnorm(norm: Any) -> bool:
     return str(norm).split(":", 1)[0].strip() in BATCH_NORMS
 
 
-def _run_entry(entry: Any) -> tuple[Path, Mapping[str, Any], str]:
-    """``(path, config, status)`` from a tuple of those or from an object with those attributes."""
-    if isinstance(entry, (tuple, list)):
-        path, config, status = entry
+def _run_entry(entry: Any) -> tuple[Path, Any, Any, str]:
+    """``(path, norm, batch_size, status)`` of a run.
+
+    ``entry`` is a :class:`reslab.rundir.Run` (any object with ``path``, ``config``
+    and ``status``) or a ``(path, config, status)`` tuple; its config a TrainConfig,
+    or a mapping of TrainConfig's fields in which a field left out has its default.
+    """
+    path, config, status = entry if isinstance(entry, (tuple, list)) else (entry.path, entry.config, entry.status)
+    if isinstance(config, TrainConfig):
+        norm, batch_size = config.norm, config.batch_size
     else:
-        path, config, status = entry.path, entry.config, entry.status
-    return Path(path), config or {}, str(status)
+        config = config or {}
+        norm, batch_size = config.get("norm", _DEFAULTS["norm"]), config.get("batch_size", _DEFAULTS["batch_size"])
+    return Path(path), norm, batch_size, str(status)
 
 
 def _sig(value: float | None, digits: int = 3) -> float | None:
@@ -241,9 +248,9 @@ def bn_variance_measurement(study_dir: str | Path, runs: Iterable[Any], *, max_i
                             device: str = "cpu") -> dict[str, Any] | None:
     """BatchNorm's running variance against the population variance, per norm and batch size.
 
-    ``runs``: the study's runs as ``(path, config mapping, status)`` tuples (or
-    objects with ``path``, ``config`` and ``status``, as the report reads them);
-    a relative path is taken under ``study_dir``.  Every completed run whose
+    ``runs``: the study's runs, :class:`reslab.rundir.Run` records (or
+    ``(path, config, status)`` tuples, see :func:`_run_entry`); a relative path is
+    taken under ``study_dir``.  Every completed run whose
     ``norm`` builds BatchNorm layers (:func:`is_batchnorm`) is measured with
     :func:`bn_statistics` on its training images; a run that cannot be read is
     skipped with a warning.  The runs are grouped by ``norm`` and ``batch_size``
@@ -264,8 +271,7 @@ def bn_variance_measurement(study_dir: str | Path, runs: Iterable[Any], *, max_i
     root = Path(study_dir)
     groups: dict[tuple[str, Any], list[list[dict[str, Any]]]] = {}
     for entry in runs:
-        path, config, status = _run_entry(entry)
-        norm = config.get("norm", _DEFAULTS["norm"])
+        path, norm, batch_size, status = _run_entry(entry)
         if status != "completed" or not is_batchnorm(norm):
             continue
         folder = path if path.is_absolute() else root / path
@@ -275,7 +281,7 @@ def bn_variance_measurement(study_dir: str | Path, runs: Iterable[Any], *, max_i
             log.warning("bn_running_var: skipping %s: %s", folder, exc)
             continue
         if rows:
-            groups.setdefault((str(norm), config.get("batch_size", _DEFAULTS["batch_size"])), []).append(rows)
+            groups.setdefault((str(norm), batch_size), []).append(rows)
     if not groups:
         return None
 
