@@ -175,7 +175,7 @@ def draw_mean_bars(labels: list[str], means: list[float | None], stds: list[floa
     ax = fig.subplots()
     x = list(range(n))
     heights, below, above = [], [], []
-    for m, s in zip(means, stds):
+    for m, s in zip(means, stds, strict=True):
         h = 0.0 if m is None else float(m)
         e = 0.0 if m is None or s is None or not math.isfinite(s) else abs(float(s))
         lo_err = hi_err = e
@@ -201,7 +201,7 @@ def draw_mean_bars(labels: list[str], means: list[float | None], stds: list[floa
 
     small = n > 10
     texts = []
-    for i, (m, s, note) in enumerate(zip(means, stds, notes)):
+    for i, (m, s, note) in enumerate(zip(means, stds, notes, strict=True)):
         note = note.replace(", ", "\n")  # one count a line keeps the label as narrow as its bar
         if m is None:
             text, y = note or "no completed run", low
@@ -389,7 +389,7 @@ def plot_signal(rows, path: str | Path, *, title: str, xlabel: str = "block (0 =
                  "linestyle": _LINESTYLES[norms.index(norm) % len(_LINESTYLES)]}
         x = [row.block for row in points]
         missing = []
-        for ax, (attr, _, _) in zip(axes, _SIGNAL_PANELS):
+        for ax, (attr, _, _) in zip(axes, _SIGNAL_PANELS, strict=True):
             values = [float(getattr(row, attr)) for row in points]
             drawn = [v if math.isfinite(v) and v > 0 else float("nan") for v in values]
             ax.plot(x, drawn, label=f"{norm}, {init}", linewidth=1.8, marker="o" if depth <= 40 else None,
@@ -399,7 +399,7 @@ def plot_signal(rows, path: str | Path, *, title: str, xlabel: str = "block (0 =
                 missing.append(f"{attr} {why}")
         if missing:
             notes.append(f"{norm}, {init}: " + "; ".join(missing))
-    for ax, (_, panel_title, ylabel) in zip(axes, _SIGNAL_PANELS):
+    for ax, (_, panel_title, ylabel) in zip(axes, _SIGNAL_PANELS, strict=True):
         if any(line.get_ydata().size and (line.get_ydata() == line.get_ydata()).any() for line in ax.get_lines()):
             ax.set_yscale("log")
         ax.set_title(panel_title)
