@@ -9,8 +9,6 @@ from reslab.cli import main
 from reslab.studies import get_study, shipped_studies
 from reslab.verdict import parse_check
 
-SYNTH = "synthetic:train=192,test=64,size=8,channels=1,classes=4"
-
 
 def cli(capsys, *argv):
     code = main([str(a) for a in argv])
@@ -18,16 +16,23 @@ def cli(capsys, *argv):
     return code, out, err
 
 
-def write_study(path, checks, **extra):
-    study = {"name": "tiny-norms", "claim": "GN and BN both learn the synthetic task",
-             "base": {"model": "simple_cnn", "dataset": SYNTH, "epochs": 2, "batch_size": 32, "lr": 0.05,
-                      "log_every": 2, "progress": "none"},
-             "grid": {"norm": ["bn", "gn"]}, "seeds": [0, 1], "verdict": {"checks": checks}, **extra}
-    path.write_text(yaml.safe_dump(study, sort_keys=False))
-    return path
+@pytest.fixture
+def write_study(tiny_config):
+    """``write_study(path, checks, **extra)``: a study of the tiny run, two epochs, BN against GN over seeds 0 and
+    1, as a YAML file at ``path``; ``extra`` replaces or adds its keys."""
+
+    def write(path, checks, **extra):
+        base = tiny_config(epochs=2, log_every=2)
+        study = {"name": "tiny-norms", "claim": "GN and BN both learn the synthetic task", "base": base,
+                 "grid": {"norm": ["bn", "gn"]}, "seeds": [0, 1], "verdict": {"checks": checks}, **extra}
+        path.write_text(yaml.safe_dump(study, sort_keys=False))
+        return path
+
+    return write
 
 
-def test_a_users_study_file_runs_and_is_judged_from_its_runs(capsys, tmp_path):
+@pytest.mark.slow
+def test_a_users_study_file_runs_and_is_judged_from_its_runs(capsys, tmp_path, write_study):
     file = write_study(tmp_path / "mine.yaml", ['mean(norm="bn") >= 0.5', 'mean(norm="gn") >= 0.5'])
     out = tmp_path / "study"
     code, stdout, err = cli(capsys, "study", file, "--out", out)
@@ -53,8 +58,9 @@ def test_a_users_study_file_runs_and_is_judged_from_its_runs(capsys, tmp_path):
     assert json.loads((out / "verdict.json").read_text())["verdict"] == "not supported"
 
 
-def test_every_run_records_steps_and_resume_adds_no_duplicates(capsys, tmp_path):
-    argv = ["train", "--model", "simple_cnn", "--norm", "gn", "--dataset", SYNTH, "--batch-size", "32",
+@pytest.mark.slow
+def test_every_run_records_steps_and_resume_adds_no_duplicates(capsys, tmp_path, synthetic):
+    argv = ["train", "--model", "simple_cnn", "--norm", "gn", "--dataset", synthetic, "--batch-size", "32",
             "--log-every", "4", "--progress", "none"]
     assert cli(capsys, *argv, "--epochs", "2", "--out", tmp_path / "straight")[0] == 0
     assert cli(capsys, *argv, "--epochs", "1", "--out", tmp_path / "split")[0] == 0
@@ -90,7 +96,7 @@ def test_every_run_records_steps_and_resume_adds_no_duplicates(capsys, tmp_path)
     ({"measure": ["bn_hist"]}, "unknown measurement 'bn_hist'; valid: bn_running_var"),
     ({"grid": [{"norm": ["bn"]}, "gn"]}, "'grid' must be a mapping"),
 ])
-def test_bad_study_files_are_one_line_and_write_nothing(capsys, tmp_path, change, fragment):
+def test_bad_study_files_are_one_line_and_write_nothing(capsys, tmp_path, write_study, change, fragment):
     file = write_study(tmp_path / "bad.yaml", ['mean(norm="bn") >= 0.5'])
     study = yaml.safe_load(file.read_text())
     study.update(change)
@@ -119,8 +125,8 @@ def test_shipped_studies_are_valid_data_with_budgets(capsys):
     assert code == 0 and "on 2 CPU cores" in out and "inits" in out
 
 
-def test_sweep_prints_one_line_per_finished_run_with_its_numbers(capsys, tmp_path):
-    code, _, err = cli(capsys, "sweep", "--model", "mlp", "--dataset", SYNTH, "--epochs", "1", "--batch-size", "32",
+def test_sweep_prints_one_line_per_finished_run_with_its_numbers(capsys, tmp_path, synthetic):
+    code, _, err = cli(capsys, "sweep", "--model", "mlp", "--dataset", synthetic, "--epochs", "1", "--batch-size", "32",
                        "--lr", "0.01,0.02", "--progress", "none", "--out", tmp_path / "sweep")
     assert code == 0
     lines = [line for line in err.splitlines() if line.startswith("[")]
@@ -129,21 +135,22 @@ def test_sweep_prints_one_line_per_finished_run_with_its_numbers(capsys, tmp_pat
     assert f"completed, test acc {summary['final_eval_acc']:.4f}, " in lines[0] and lines[0].endswith(" s")
 
 
-def _sweep_argv(out):
-    return ["sweep", "--model", "mlp", "--dataset", SYNTH, "--epochs", "2", "--batch-size", "32",
+def _sweep_argv(out, dataset):
+    return ["sweep", "--model", "mlp", "--dataset", dataset, "--epochs", "2", "--batch-size", "32",
             "--lr", "0.01,0.02", "--out", str(out)]
 
 
-def test_runs_in_a_sweep_print_their_epochs_only_with_verbose(capsys, tmp_path):
-    code, _, err = cli(capsys, *_sweep_argv(tmp_path / "quiet"))
+@pytest.mark.slow
+def test_runs_in_a_sweep_print_their_epochs_only_with_verbose(capsys, tmp_path, synthetic):
+    code, _, err = cli(capsys, *_sweep_argv(tmp_path / "quiet", synthetic))
     assert code == 0
     assert "epoch 1/2" not in err and "data:" not in err
     assert sum(line.startswith("[") for line in err.splitlines()) == 2
-    code, _, err = cli(capsys, "--verbose", *_sweep_argv(tmp_path / "loud"))
+    code, _, err = cli(capsys, "--verbose", *_sweep_argv(tmp_path / "loud", synthetic))
     assert code == 0
     assert err.count("epoch 1/2") == 2 and err.count("epoch 2/2") == 2 and err.count("data:") == 2
     # an explicit --progress is the user's choice and is kept
-    code, _, err = cli(capsys, *_sweep_argv(tmp_path / "log"), "--progress", "log")
+    code, _, err = cli(capsys, *_sweep_argv(tmp_path / "log", synthetic), "--progress", "log")
     assert code == 0 and err.count("epoch 2/2") == 2
 
 
@@ -174,14 +181,15 @@ def _on_a_terminal(argv, cwd):
     return b"".join(chunks).decode(errors="replace")
 
 
-def test_a_sweep_on_a_terminal_shows_one_bar_for_all_its_runs(tmp_path):
-    shown = _on_a_terminal(_sweep_argv(tmp_path / "s"), tmp_path)
+@pytest.mark.slow
+def test_a_sweep_on_a_terminal_shows_one_bar_for_all_its_runs(tmp_path, synthetic):
+    shown = _on_a_terminal(_sweep_argv(tmp_path / "s", synthetic), tmp_path)
     assert "sweep:" in shown and "/2 [" in shown and "run" in shown  # tqdm's "sweep: 50%|...| 1/2 [..., s/run]"
     assert "epoch 1/2" not in shown and "step" not in shown  # no bar or line per run
     assert "[1/2] lr=0.01-seed=0: completed" in shown and "[2/2] lr=0.02-seed=0: completed" in shown
 
 
-def test_a_study_runs_with_its_own_jobs_unless_told_otherwise(capsys, tmp_path, monkeypatch):
+def test_a_study_runs_with_its_own_jobs_unless_told_otherwise(capsys, tmp_path, write_study, monkeypatch):
     from reslab import sweeps as sweep_module
 
     seen = []
@@ -194,9 +202,10 @@ def test_a_study_runs_with_its_own_jobs_unless_told_otherwise(capsys, tmp_path, 
     assert code == 0 and "jobs: 2" in out
 
 
-def test_lr_base_size_scales_the_rate_with_the_batch_and_the_report_says_so(capsys, tmp_path):
-    code, _, err = cli(capsys, "sweep", "--model", "mlp", "--dataset", SYNTH, "--epochs", "1", "--batch-size", "32,64",
-                       "--lr", "0.1", "--lr-base-size", "256", "--log-every", "1", "--out", tmp_path / "s")
+def test_lr_base_size_scales_the_rate_with_the_batch_and_the_report_says_so(capsys, tmp_path, synthetic):
+    code, _, err = cli(capsys, "sweep", "--model", "mlp", "--dataset", synthetic, "--epochs", "1",
+                       "--batch-size", "32,64", "--lr", "0.1", "--lr-base-size", "256", "--log-every", "1",
+                       "--out", tmp_path / "s")
     assert code == 0, err
     for batch in (32, 64):
         steps = [json.loads(line) for line in (tmp_path / "s" / f"batch_size={batch}-seed=0" / "steps.jsonl")
@@ -208,7 +217,8 @@ def test_lr_base_size_scales_the_rate_with_the_batch_and_the_report_says_so(caps
     assert not (tmp_path / "bad").exists()
 
 
-def test_narrowing_an_axis_the_checks_name_to_one_value_still_judges_the_study(capsys, tmp_path):
+@pytest.mark.slow
+def test_narrowing_an_axis_the_checks_name_to_one_value_still_judges_the_study(capsys, tmp_path, write_study):
     """`reslab study FILE --batch-size 32`: the axis the checks select on becomes a base field."""
     file = write_study(tmp_path / "mine.yaml", ['mean(norm="bn", batch_size=32) >= 0.5',
                                                 'mean(norm="gn", batch_size=16) >= 0.5'],
@@ -223,6 +233,7 @@ def test_narrowing_an_axis_the_checks_name_to_one_value_still_judges_the_study(c
     assert verdict["verdict"] != "supported" and f"verdict: {verdict['verdict']}" in stdout
 
 
+@pytest.mark.slow
 def test_normfree_study_runs_every_recipe_and_judges_all_its_checks(capsys, tmp_path):
     # the shipped study shrunk to one seed, one epoch and ResNet-20: every (norm, init) cell runs
     out = tmp_path / "normfree"
@@ -245,14 +256,15 @@ def test_normfree_study_runs_every_recipe_and_judges_all_its_checks(capsys, tmp_
     (["--confidence", "1.5"], "--confidence must be a number between 0.5 and 1"),
     (["--confidence", "0.3"], "--confidence must be a number between 0.5 and 1"),
 ])
-def test_bad_study_flags_are_one_line_and_write_nothing(capsys, tmp_path, argv, fragment):
+def test_bad_study_flags_are_one_line_and_write_nothing(capsys, tmp_path, write_study, argv, fragment):
     file = write_study(tmp_path / "mine.yaml", ['mean(norm="bn") >= 0.5'])
     code, _, err = cli(capsys, "study", file, *argv, "--out", tmp_path / "out")
     assert code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
     assert not (tmp_path / "out").exists()
 
 
-def test_verdict_rejudges_a_finished_study_and_added_seeds_reuse_its_runs(capsys, tmp_path):
+@pytest.mark.slow
+def test_verdict_rejudges_a_finished_study_and_added_seeds_reuse_its_runs(capsys, tmp_path, write_study):
     file = write_study(tmp_path / "mine.yaml", ['mean(norm="bn") >= 0.3', 'mean(norm="gn") >= 0.3'])
     out = tmp_path / "study"
     code, stdout, err = cli(capsys, "study", file, "--seeds", "0-2", "--out", out)
@@ -270,7 +282,8 @@ def test_verdict_rejudges_a_finished_study_and_added_seeds_reuse_its_runs(capsys
     assert "at 99.9% confidence" in stdout and {p: p.stat().st_mtime_ns for p in stamps} == stamps
     again = json.loads((out / "verdict.json").read_text())
     assert again["confidence"] == 0.999
-    for before, after in zip(first["evidence"], again["evidence"]):  # (a group whose seeds agree has no width)
+    # (a group whose seeds agree has no width)
+    for before, after in zip(first["evidence"], again["evidence"], strict=True):
         assert after["interval"][0] <= before["interval"][0] and after["interval"][1] >= before["interval"][1]
     assert "99.9% confidence" in (out / "report.md").read_text()
 
@@ -292,7 +305,8 @@ def test_verdict_on_a_folder_without_a_study_is_one_line(capsys, tmp_path):
     assert code == 2 and "--confidence must be a number between 0.5 and 1" in err
 
 
-def test_a_union_grid_runs_each_point_once_and_reports_references_and_measurements(capsys, tmp_path):
+@pytest.mark.slow
+def test_a_union_grid_runs_each_point_once_and_reports_references_and_measurements(capsys, tmp_path, write_study):
     file = write_study(tmp_path / "union.yaml", ['mean(norm="bn", batch_size=32) >= 0.3'],
                        grid=[{"norm": ["bn", "gn"], "batch_size": [32]}, {"norm": ["bn"], "batch_size": [32, 64]}],
                        reference={"source": "a paper", "dataset": "CIFAR-10",
