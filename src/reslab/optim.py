@@ -104,17 +104,24 @@ class ScheduleEntry:
     params: dict[str, tuple[Converter, Any]]  # argument -> (converter, default)
     build: Callable[..., Multiplier]  # (**every argument) -> multiplier
     check: Callable[..., str | None] | None = None
+    # (**every argument) -> whether the multiplier at each epoch is the same whatever the run's total epochs
+    ignores_total: Callable[..., bool] = field(default=lambda **_: False)
+
+
+def _epoch_milestones(*, milestones: Milestones, **_: Any) -> bool:
+    return all(m >= 1 for m in milestones)  # epoch numbers, not fractions of the run
 
 
 SCHEDULES: Registry[ScheduleEntry] = Registry("schedule")
 for _entry in (
-    ScheduleEntry("constant", "the peak lr throughout", {}, _constant),
+    ScheduleEntry("constant", "the peak lr throughout", {}, _constant, ignores_total=lambda **_: True),
     ScheduleEntry("step", "x gamma every `every` epochs",
-                  {"every": (positive_float, 30.0), "gamma": (positive_float, 0.1)}, _step),
+                  {"every": (positive_float, 30.0), "gamma": (positive_float, 0.1)}, _step,
+                  ignores_total=lambda **_: True),
     ScheduleEntry("multistep", "x gamma at each milestone: a fraction of the run (< 1) or an epoch (>= 1), "
                                "'/'-separated (He et al. 2015)",
                   {"milestones": (_milestones, Milestones((0.5, 0.75))), "gamma": (positive_float, 0.1)},
-                  _multistep),
+                  _multistep, ignores_total=_epoch_milestones),
     ScheduleEntry("cosine", "cosine decay from the peak to final x peak at the end of the run (Loshchilov & Hutter "
                             "2017)", {"final": (unit_float, 0.0)}, _cosine),
     ScheduleEntry("onecycle", "linear up from peak/div to the peak at peak_at of the run, then cosine down to "
@@ -129,6 +136,13 @@ def parse_schedule(spec: str) -> Multiplier:
     """Resolve a schedule spec into its multiplier; SpecError for unknown names or arguments."""
     resolved = SCHEDULES.resolve(spec)
     return resolved.entry.build(**resolved.args)
+
+
+def schedule_ignores_total(spec: str) -> bool:
+    """Whether the lr curve of ``spec`` up to any epoch is the same whatever the run's total epochs
+    (``constant``, ``step``, ``multistep`` with epoch-number milestones), so a resume may add epochs."""
+    resolved = SCHEDULES.resolve(spec)
+    return resolved.entry.ignores_total(**resolved.args)
 
 
 def list_schedules() -> dict[str, str]:
