@@ -11,15 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from reslab import sweeps as sweep_module
 from reslab.cli import main
 from reslab.errors import SpecError
 from reslab.studies import shipped_studies
-from reslab import sweeps as sweep_module
 from reslab.sweeps import expand, run_id, sweep
 
-TINY = {"dataset": "synthetic:train=128,test=32,size=8,channels=1,classes=4", "model": "simple_cnn", "norm": "gn",
-        "batch_size": 32, "optimizer": "sgd", "lr": 0.05, "progress": "none", "epochs": 2}
-TINY_FLAGS = ["--dataset", TINY["dataset"], "--model", "simple_cnn", "--batch-size", "32", "--lr", "0.05",
+TINY_FLAGS = ["--dataset", "synthetic:train=128,test=32,size=8,channels=1,classes=4", "--model", "simple_cnn",
+              "--batch-size", "32", "--lr", "0.05",
               "--progress", "none", "--epochs", "2"]
 
 
@@ -33,21 +32,22 @@ def epochs_of(run_dir):
     return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_expand_is_the_full_grid_with_readable_ids(tmp_path):
-    runs = expand(TINY, {"norm": ["bn", "gn:4"], "init": ["zeros", "uniform:a=-0.5,b=0.5"]}, [0, 1], tmp_path)
+def test_expand_is_the_full_grid_with_readable_ids(tmp_path, tiny_config):
+    runs = expand(tiny_config(), {"norm": ["bn", "gn:4"], "init": ["zeros", "uniform:a=-0.5,b=0.5"]}, [0, 1], tmp_path)
     assert len(runs) == 8
     ids = [r.run_id for r in runs]
     assert len(set(ids)) == 8
     assert "norm=gn_4-init=uniform_a=-0.5_b=0.5-seed=1" in ids
     run = runs[ids.index("norm=gn_4-init=uniform_a=-0.5_b=0.5-seed=1")]
     assert (run.config.norm, run.config.init, run.config.seed) == ("gn:4", "uniform:a=-0.5,b=0.5", 1)
-    assert run.config.out == str(tmp_path / run.run_id)
+    assert run.config.out == str(tmp_path / run.run_id) and run.path == tmp_path / run.run_id
+    assert run.summary is None and run.status == "incomplete"  # a planned run
     assert run_id({}, 3) == "seed=3"
 
 
-def test_a_bad_value_anywhere_in_the_grid_is_caught_before_running(tmp_path):
+def test_a_bad_value_anywhere_in_the_grid_is_caught_before_running(tmp_path, tiny_config):
     with pytest.raises(SpecError, match="gn:5"):
-        sweep(TINY, {"norm": ["bn", "gn:5"]}, seeds=[0], out=tmp_path / "s")
+        sweep(tiny_config(), {"norm": ["bn", "gn:5"]}, seeds=[0], out=tmp_path / "s")
     assert not (tmp_path / "s").exists()
 
 
@@ -150,7 +150,7 @@ def test_every_study_is_documented_and_valid(tmp_path):
     for name, study in shipped_studies().items():
         assert study.claim and study.cost, name
         runs = expand({**study.base, "progress": "none"}, study.grid, study.seeds, tmp_path / name)
-        points = {tuple(sorted(zip(grid, values))) for grid in study.grids
+        points = {tuple(sorted(zip(grid, values, strict=True))) for grid in study.grids
                   for values in itertools.product(*grid.values())}  # a union of grids: each point once
         assert len(runs) == len(study.seeds) * len(points)
     assert not any(Path(tmp_path).iterdir())
@@ -185,10 +185,14 @@ def test_inits_study_tells_the_seeds_story(capsys, tmp_path):
 
 # --- reusing run directories only when they hold the run asked for -------------------------------
 
-ONE_EPOCH = {"dataset": "synthetic:train=128,test=64,size=8,channels=1,classes=4", "model": "mlp",
-             "batch_size": 32, "lr": 0.05, "progress": "none", "epochs": 1}
-ONE_EPOCH_FLAGS = ["--dataset", ONE_EPOCH["dataset"], "--model", "simple_cnn", "--batch-size", "32",
-                   "--progress", "none", "--seeds", "0"]
+ONE_EPOCH_FLAGS = ["--dataset", "synthetic:train=128,test=64,size=8,channels=1,classes=4", "--model", "simple_cnn",
+                   "--batch-size", "32", "--progress", "none", "--seeds", "0"]
+
+
+@pytest.fixture
+def one_epoch(tiny_config):
+    """The base config of the sweeps below: the shared tiny run, on the MLP."""
+    return tiny_config(model="mlp")
 
 
 def snapshot(root):
@@ -233,16 +237,16 @@ def test_study_rerun_with_other_settings_is_refused_until_restart(capsys, tmp_pa
     assert {p: v for p, v in now.items() if p.parent != out} == {p: v for p, v in restarted.items() if p.parent != out}
 
 
-def test_partial_run_with_other_settings_is_refused_and_restart_keeps_matching_runs(tmp_path):
+def test_partial_run_with_other_settings_is_refused_and_restart_keeps_matching_runs(tmp_path, one_epoch):
     out = tmp_path / "s"
     grid = {"lr": [0.05, 0.1]}
-    sweep(ONE_EPOCH, grid, seeds=[0], out=out, write_report=False)
+    sweep(one_epoch, grid, seeds=[0], out=out, write_report=False)
     partial, finished = out / "lr=0.05-seed=0", out / "lr=0.1-seed=0"
     (partial / "summary.json").unlink()  # config.yaml and checkpoint.pt, no summary: a run cut short
     assert (partial / "checkpoint.pt").is_file() and (partial / "config.yaml").is_file()
     before = snapshot(out)
     with pytest.raises(SpecError) as caught:  # a resume would quietly train it on to 2 epochs
-        sweep({**ONE_EPOCH, "epochs": 2}, grid, seeds=[0], out=out, write_report=False)
+        sweep({**one_epoch, "epochs": 2}, grid, seeds=[0], out=out, write_report=False)
     message = str(caught.value)
     assert "\n" not in message and "'lr=0.05-seed=0'" in message and "--epochs 1 -> 2" in message
     assert "1 other run" in message
@@ -255,9 +259,9 @@ def test_partial_run_with_other_settings_is_refused_and_restart_keeps_matching_r
     (partial / "config.yaml").write_text(yaml.safe_dump({**saved, "momentum": 0.5}))
     before = snapshot(out)
     with pytest.raises(SpecError, match=r"'lr=0.05-seed=0'.*--momentum 0.5 -> 0.9"):
-        sweep(ONE_EPOCH, grid, seeds=[0], out=out, write_report=False)
+        sweep(one_epoch, grid, seeds=[0], out=out, write_report=False)
     assert snapshot(out) == before
-    result = sweep(ONE_EPOCH, grid, seeds=[0], out=out, write_report=False, restart=True)
+    result = sweep(one_epoch, grid, seeds=[0], out=out, write_report=False, restart=True)
     assert result.restarted == ["lr=0.05-seed=0"] and result.skipped == ["lr=0.1-seed=0"]
     assert yaml.safe_load((partial / "config.yaml").read_text())["momentum"] == 0.9
     assert summary_of(partial)["status"] == "completed"
@@ -265,20 +269,20 @@ def test_partial_run_with_other_settings_is_refused_and_restart_keeps_matching_r
         {p: v for p, v in before.items() if p.parent == finished}  # the matching run is untouched
 
 
-def test_restart_deletes_nothing_when_anything_else_is_bad(tmp_path):
+def test_restart_deletes_nothing_when_anything_else_is_bad(tmp_path, one_epoch):
     out = tmp_path / "s"
-    sweep(ONE_EPOCH, {"lr": [0.05]}, seeds=[0], out=out, write_report=False)
+    sweep(one_epoch, {"lr": [0.05]}, seeds=[0], out=out, write_report=False)
     before = snapshot(out)
     with pytest.raises(SpecError, match="gn:5"):  # lr=0.05 differs (norm), but the grid is bad
-        sweep({**ONE_EPOCH, "model": "simple_cnn"}, {"lr": [0.05], "norm": ["bn", "gn:5"]}, seeds=[0], out=out,
+        sweep({**one_epoch, "model": "simple_cnn"}, {"lr": [0.05], "norm": ["bn", "gn:5"]}, seeds=[0], out=out,
               restart=True)
     with pytest.raises(SpecError, match="launcher-option"):
-        sweep({**ONE_EPOCH, "epochs": 2}, {"lr": [0.05]}, seeds=[0], out=out, restart=True,
+        sweep({**one_epoch, "epochs": 2}, {"lr": [0.05]}, seeds=[0], out=out, restart=True,
               launcher_options={"slurm_partition": "gpu"})
     assert snapshot(out) == before
 
 
-def test_unreadable_or_foreign_run_directory_counts_as_differing(tmp_path):
+def test_unreadable_or_foreign_run_directory_counts_as_differing(tmp_path, one_epoch):
     out = tmp_path / "s"
     (out / "lr=0.05-seed=0").mkdir(parents=True)
     (out / "lr=0.05-seed=0" / "config.yaml").write_text("model: [unclosed\n")
@@ -287,19 +291,19 @@ def test_unreadable_or_foreign_run_directory_counts_as_differing(tmp_path):
     (out / "old-run").mkdir()  # not in the grid: not part of this sweep, left alone
     (out / "old-run" / "config.yaml").write_text("model: resnet50\n")
     with pytest.raises(SpecError, match=r"'lr=0.05-seed=0'.*unreadable config.yaml.*1 other run"):
-        sweep(ONE_EPOCH, {"lr": [0.05, 0.1]}, seeds=[0], out=out)
-    result = sweep(ONE_EPOCH, {"lr": [0.05, 0.1]}, seeds=[0], out=out, write_report=False, restart=True)
+        sweep(one_epoch, {"lr": [0.05, 0.1]}, seeds=[0], out=out)
+    result = sweep(one_epoch, {"lr": [0.05, 0.1]}, seeds=[0], out=out, write_report=False, restart=True)
     assert sorted(result.restarted) == ["lr=0.05-seed=0", "lr=0.1-seed=0"]
     assert set(result.statuses.values()) == {"completed"}
     assert not (out / "lr=0.1-seed=0" / "notes.txt").exists()
     assert (out / "old-run" / "config.yaml").read_text() == "model: resnet50\n"
 
 
-def test_policy_mapping_in_the_grid_runs_with_readable_ids_and_is_reused(tmp_path):
+def test_policy_mapping_in_the_grid_runs_with_readable_ids_and_is_reused(tmp_path, one_epoch):
     out = tmp_path / "s"
     policy = {"conv": "kaiming_normal:mode=fan_out", "linear": "normal:std=0.01"}
     grid = {"init": ["kaiming_normal", policy]}
-    result = sweep(ONE_EPOCH, grid, seeds=[0], out=out, write_report=False)
+    result = sweep(one_epoch, grid, seeds=[0], out=out, write_report=False)
     ids = [run.run_id for run in result.runs]
     assert ids == ["init=kaiming_normal-seed=0", "init=conv_kaiming_normal_mode=fan_out+linear_normal_std=0.01-seed=0"]
     assert set(result.statuses.values()) == {"completed"}
@@ -307,19 +311,19 @@ def test_policy_mapping_in_the_grid_runs_with_readable_ids_and_is_reused(tmp_pat
 
     assert yaml.safe_load((out / ids[1] / "config.yaml").read_text())["init"] == policy
     before = snapshot(out)
-    again = sweep(ONE_EPOCH, grid, seeds=[0], out=out, write_report=False)
+    again = sweep(one_epoch, grid, seeds=[0], out=out, write_report=False)
     assert again.skipped == ids
     assert {p: v for p, v in snapshot(out).items() if p.parent != out} == \
         {p: v for p, v in before.items() if p.parent != out}
 
 
-def test_sweep_config_file_with_a_policy_mapping_and_lists(capsys, tmp_path):
+def test_sweep_config_file_with_a_policy_mapping_and_lists(capsys, tmp_path, synthetic):
     import yaml
 
     policy = {"conv": "kaiming_normal:mode=fan_out", "linear": "normal:std=0.01"}
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump({
-        "model": "simple_cnn", "dataset": ONE_EPOCH["dataset"], "batch_size": 32, "epochs": 1, "lr": 0.05,
+        "model": "simple_cnn", "dataset": synthetic, "batch_size": 32, "epochs": 1, "lr": 0.05,
         "progress": "none", "init": policy, "norm": ["bn", "gn"],
     }))
     out = tmp_path / "s"

@@ -43,8 +43,8 @@ import torch
 
 from .config import TrainConfig, config_from_dict, describe_differences, differing_fields
 from .errors import SpecError
-from .fileio import atomic_write_json, atomic_write_text, require_writable_dir
-from .rundir import CONFIG_FILE, SUMMARY_FILE, UnreadableRecord, read_config, run_numbers, run_status, write_sweep_plan
+from .fileio import atomic_write_json, require_writable_dir
+from .rundir import CONFIG_FILE, Run, RunDir, UnreadableRecord, run_numbers, run_status, write_sweep_plan
 from .training import check_config, preflight
 
 log = logging.getLogger(__name__)
@@ -52,16 +52,10 @@ log = logging.getLogger(__name__)
 FINISHED = ("completed", "diverged")
 
 
-@dataclass(frozen=True)
-class Run:
-    run_id: str
-    config: TrainConfig
-
-
 @dataclass
 class SweepResult:
     out: Path
-    runs: list[Run]
+    runs: list[Run]  # in grid order; each with its summary once the sweep has ended (None: it never ended)
     statuses: dict[str, str] = field(default_factory=dict)  # run id -> status
     skipped: list[str] = field(default_factory=list)  # run ids already finished before this sweep
     restarted: list[str] = field(default_factory=list)  # run ids deleted and run again (restart=True)
@@ -100,7 +94,8 @@ def grid_list(grid: GridSpec) -> list[Mapping[str, Sequence[Any]]]:
 
 
 def expand(base: Mapping[str, Any], grid: GridSpec, seeds: Sequence[int], out: str | Path) -> list[Run]:
-    """Every combination of the grid's values (in the order given) times every seed, all checked.
+    """Every combination of the grid's values (in the order given) times every seed, all checked:
+    one planned :class:`~reslab.rundir.Run` each (its config, its directory ``out/<run-id>``, no summary).
 
     ``grid`` is a mapping of axes, or a list of them: the union of their points, each once.
     """
@@ -123,7 +118,7 @@ def _grid_runs(base: Mapping[str, Any], grid: GridSpec, seeds: Sequence[int], ou
             if not one[name]:
                 raise SpecError(f"--{name.replace('_', '-')} has an empty list of values")
         for values in itertools.product(*(one[n] for n in names)):
-            point = dict(zip(names, values))
+            point = dict(zip(names, values, strict=True))
             for seed in seeds:
                 rid = run_id(point, seed)
                 if rid in seen and seen[rid] == point:  # the same point from two parts of a union: once
@@ -132,7 +127,7 @@ def _grid_runs(base: Mapping[str, Any], grid: GridSpec, seeds: Sequence[int], ou
                     rid += "-" + hashlib.sha1(repr(sorted(point.items())).encode()).hexdigest()[:6]
                 seen[rid] = point
                 cfg = config_from_dict({**point, "seed": seed, "out": str(out / rid)}, base_config)
-                runs.append(Run(rid, cfg))
+                runs.append(Run(path=out / rid, config=cfg))
     for run in runs:  # a bad spec anywhere is reported before any dataset is loaded (or downloaded)
         check_config(run.config)
     return runs
@@ -144,16 +139,15 @@ def _saved_config_difference(run: Run) -> str | None:
     Reusable: no directory, an empty one, or a ``config.yaml`` that differs from
     the requested config in execution fields at most.
     """
-    out = Path(run.config.out)
-    if not out.exists():
+    if not run.path.exists():
         return None
-    if not out.is_dir():
+    if not run.path.is_dir():
         return "is a file, not a run directory"
-    saved_file = out / CONFIG_FILE
-    if not saved_file.is_file():
-        return None if not any(out.iterdir()) else f"holds files but no {CONFIG_FILE}"
+    run_dir = RunDir(run.path)
+    if not run_dir.is_run():
+        return None if not run_dir.holds_files() else f"holds files but no {CONFIG_FILE}"
     try:
-        saved = read_config(out)
+        saved = run_dir.read_config()
     except UnreadableRecord as exc:
         return f"has an unreadable {CONFIG_FILE} ({exc.reason})"
     names = differing_fields(saved, run.config)
@@ -190,9 +184,7 @@ def _remove(path: Path) -> None:
 
 def _prepared(run: Run) -> TrainConfig:
     """Resume a run that has started (any file in its directory), start a fresh one otherwise."""
-    out = Path(run.config.out)
-    started = out.is_dir() and any(out.iterdir())
-    return config_from_dict({"resume": started}, run.config)
+    return config_from_dict({"resume": RunDir(run.path).holds_files()}, run.config)
 
 
 @contextlib.contextmanager
@@ -248,14 +240,13 @@ def _record_failure(cfg: TrainConfig, error: str) -> None:
     The ``config.yaml`` (written only if absent) lets the report list the run and
     the next sweep check it against the grid and retry it in place.
     """
-    out = Path(cfg.out)
+    run_dir = RunDir(cfg.out)
     summary = {"status": "failed", "epochs_completed": 0, "epochs": cfg.epochs, "final_eval_acc": None,
                "error": error}
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        if not (out / CONFIG_FILE).is_file():
-            atomic_write_text(out / CONFIG_FILE, cfg.to_yaml())
-        atomic_write_json(out / SUMMARY_FILE, summary)
+        if not run_dir.is_run():
+            run_dir.write_config(cfg)
+        run_dir.write_summary(summary)
     except OSError as exc:
         log.warning("run %s: could not record the failure (%s)", cfg.out, exc)
 
@@ -421,14 +412,7 @@ def sweep(
     those runs (and only once every check has passed) and runs them again; runs
     whose settings match are reused as they are, restart or not.
     """
-    if jobs < 1:
-        raise SpecError(f"--jobs must be at least 1, got {jobs}")
-    if launcher not in LAUNCHERS:
-        raise SpecError(f"unknown --launcher {launcher!r}; valid choices: {', '.join(LAUNCHERS)}")
-    if launcher == "local" and launcher_options:
-        raise SpecError("--launcher-option applies to --launcher submitit only")
-    if launcher == "submitit":
-        _submitit()
+    _check_launcher(jobs, launcher, launcher_options)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SpecError(f"--out {str(out)!r} is a file, not a directory")
@@ -441,29 +425,60 @@ def sweep(
     result = SweepResult(out=out, runs=runs)
     for run, reason in stale:  # every check has passed: only now is anything deleted
         log.info("restarting %s: it %s", run.run_id, reason)
-        _remove(Path(run.config.out))
+        _remove(run.path)
         result.restarted.append(run.run_id)
+    todo = _runs_to_do(result)
+    log.info("sweep %s: %d runs, %d finished already, %d to run%s", out, len(runs), len(result.skipped), len(todo),
+             f" ({len(result.restarted)} restarted)" if result.restarted else "")
+    grids = [{k: list(v) for k, v in one.items()} for one in grid_list(grid)]
+    write_sweep_plan(out, {"base": dict(base), "grid": grids[0] if isinstance(grid, Mapping) else grids,
+                           "seeds": list(seeds), "runs": [run.run_id for run in runs]})
+    _launch(result, todo, jobs, launcher, launcher_options)
+    for run in runs:  # each run's record as the sweep leaves it; one whose job was lost counts as failed
+        run.summary = RunDir(run.path).read_summary()
+        result.statuses.setdefault(run.run_id, run.status if run.summary is not None else "failed")
+    if write_report:
+        from .reporting import report
+
+        report(out)
+    return result
+
+
+def _check_launcher(jobs: int, launcher: str, launcher_options: Mapping[str, Any] | None) -> None:
+    """A one-line SpecError for a bad ``--jobs``, ``--launcher`` or ``--launcher-option``."""
+    if jobs < 1:
+        raise SpecError(f"--jobs must be at least 1, got {jobs}")
+    if launcher not in LAUNCHERS:
+        raise SpecError(f"unknown --launcher {launcher!r}; valid choices: {', '.join(LAUNCHERS)}")
+    if launcher == "local" and launcher_options:
+        raise SpecError("--launcher-option applies to --launcher submitit only")
+    if launcher == "submitit":
+        _submitit()
+
+
+def _runs_to_do(result: SweepResult) -> list[TrainConfig]:
+    """The configs of the runs that have not finished (resumed where they started); the
+    finished ones are recorded in ``result`` as skipped."""
     todo: list[TrainConfig] = []
-    for run in runs:
-        status = run_status(Path(run.config.out))
+    for run in result.runs:
+        status = run_status(run.path)
         if status in FINISHED:
             result.statuses[run.run_id] = status
             result.skipped.append(run.run_id)
         else:
             todo.append(_prepared(run))
-    log.info("sweep %s: %d runs, %d finished already, %d to run%s", out, len(runs), len(result.skipped), len(todo),
-             f" ({len(result.restarted)} restarted)" if result.restarted else "")
-    out.mkdir(parents=True, exist_ok=True)
-    grids = [{k: list(v) for k, v in one.items()} for one in grid_list(grid)]
-    plan = {"base": dict(base), "grid": grids[0] if isinstance(grid, Mapping) else grids, "seeds": list(seeds),
-            "runs": [run.run_id for run in runs]}
-    write_sweep_plan(out, plan)
-    by_out = {run.config.out: run.run_id for run in runs}
+    return todo
 
+
+def _launch(result: SweepResult, todo: list[TrainConfig], jobs: int, launcher: str,
+            launcher_options: Mapping[str, Any] | None) -> None:
+    """Run ``todo`` through the launcher, recording each run's status in ``result`` (and a line
+    with its numbers) as it ends."""
+    by_out = {run.config.out: run.run_id for run in result.runs}
     with _sweep_bar(len(todo)) as advance:
         def on_done(run_out: str, status: str) -> None:
             result.statuses[by_out[run_out]] = status
-            log.info("[%d/%d] %s: %s%s", len(result.statuses), len(runs), by_out[run_out], status,
+            log.info("[%d/%d] %s: %s%s", len(result.statuses), len(result.runs), by_out[run_out], status,
                      run_numbers(Path(run_out)))
             advance()
 
@@ -471,14 +486,6 @@ def sweep(
             run_local(todo, jobs, on_done)
         else:
             LAUNCHERS[launcher](todo, jobs, on_done, launcher_options)
-    for run in runs:  # a run whose job was lost counts as failed
-        if run.run_id not in result.statuses:
-            result.statuses[run.run_id] = run_status(Path(run.config.out)) or "failed"
-    if write_report:
-        from .reporting import report
-
-        report(out)
-    return result
 
 
 @dataclass
@@ -548,6 +555,5 @@ def _measure(planned: Any, result: SweepResult) -> None:
     from .rundir import read_config_mapping
     from .studies import MEASUREMENTS_FILE
 
-    runs = [(Path(run.config.out), read_config_mapping(Path(run.config.out)), result.statuses.get(run.run_id))
-            for run in result.runs]
+    runs = [(run.path, read_config_mapping(run.path), result.statuses.get(run.run_id)) for run in result.runs]
     atomic_write_json(result.out / MEASUREMENTS_FILE, run_measurements(result.out, planned.measure, runs))
