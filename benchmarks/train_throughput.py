@@ -90,22 +90,6 @@ def fmt_rate(flops_per_s: float, unit: float, unit_name: str) -> str:
     return f"{flops_per_s / unit:.3g} {unit_name}"
 
 
-class _WindowDone(Exception):
-    """Raised by the step budget to end a timed window inside ``train_epoch``."""
-
-
-class _StepBudget:
-    """The progress object ``Trainer.train_epoch`` calls ``update(1)`` on after every step."""
-
-    def __init__(self, steps: int):
-        self.left = steps
-
-    def update(self, n: int) -> None:
-        self.left -= n
-        if self.left <= 0:
-            raise _WindowDone
-
-
 # --- the two sides ----------------------------------------------------------------------
 
 
@@ -127,7 +111,7 @@ class Row:
 
     @property
     def spread(self) -> tuple[float, float]:
-        rates = [i / s for i, s in zip(self.images, self.seconds)]
+        rates = [i / s for i, s in zip(self.images, self.seconds, strict=True)]
         return min(rates), max(rates)
 
 
@@ -155,20 +139,17 @@ class ReslabSide:
     def run(self, steps: int) -> tuple[float, int]:
         """``steps`` optimizer steps from the start of a fresh epoch; returns (seconds, images)."""
         t = self.trainer
-        budget = _StepBudget(steps)
+        left = steps
         sync(self.device)
         start = time.perf_counter()
-        try:
-            while True:
-                stats = t.train_epoch(budget)
-                if stats["diverged_at_step"] is not None:
-                    raise RuntimeError(f"reslab run diverged at step {stats['diverged_at_step']}")
-                t.epoch += 1
-        except _WindowDone:
-            pass
+        while left > 0:  # a window longer than an epoch goes on into the next one
+            stats = t.train_epoch(max_steps=left)
+            if stats.diverged_at is not None:
+                raise RuntimeError(f"reslab run diverged at step {stats.diverged_at}")
+            left -= stats.steps
+            t.epoch += 1  # the next pass, in this window or the next, starts a new epoch (new shuffle)
         sync(self.device)
         seconds = time.perf_counter() - start
-        t.epoch += 1  # the next window starts a new epoch (new shuffle), as a real run would
         return seconds, images_in(steps, t.data.num_train, self.cfg.batch_size)
 
 
@@ -323,7 +304,7 @@ def pipeline_only(reslab: ReslabSide, baseline: BaselineSide, steps: int) -> dic
     start = time.perf_counter()
     seen = 0
     for epoch in range(10**6):
-        for i, (x, y) in enumerate(data.train_batches(cfg.batch_size, epoch=10**5 + epoch, seed=cfg.seed,
+        for i, (_, y) in enumerate(data.train_batches(cfg.batch_size, epoch=10**5 + epoch, seed=cfg.seed,
                                                       channels_last=reslab.trainer.channels_last)):
             seen += y.numel()
             if epoch * reslab.trainer.steps_per_epoch + i + 1 == steps:
@@ -365,7 +346,8 @@ def profile_side(side, steps: int, device: torch.device, rows: int = 15) -> str:
         sort = "self_device_time_total" if hasattr(averages[0], "self_device_time_total") else "self_cuda_time_total"
     counts = {e.key: e.count for e in averages if e.key in SYNC_EVENTS}
     lines = [f"profile of {side.row.label}: {steps} steps, {images / seconds:,.0f} img/s under the profiler",
-             "  per step: " + (", ".join(f"{k} x{v / steps:.2f}" for k, v in sorted(counts.items())) or "no sync events"),
+             "  per step: " + (", ".join(f"{k} x{v / steps:.2f}" for k, v in sorted(counts.items()))
+                               or "no sync events"),
              averages.table(sort_by=sort, row_limit=rows)]
     return "\n".join(lines)
 
@@ -471,7 +453,7 @@ class CpuContention:
         end = self._sample()
         if self.start is None or end is None:
             return 0.0, ""
-        busy, steal, own, wall = (b - a for a, b in zip(self.start, end))
+        busy, steal, own, wall = (b - a for a, b in zip(self.start, end, strict=True))
         capacity = wall * (os.cpu_count() or 1)
         others = max(busy - own, 0.0) + steal
         share = others / capacity if capacity > 0 else 0.0
@@ -506,8 +488,10 @@ def main(argv=None) -> int:
     print(f"  threads   torch {torch.get_num_threads()} intra-op; baseline DataLoader workers {args.workers}"
           + ("; cudnn.benchmark on" if args.cudnn_benchmark else ""))
     stem = f", stem {args.stem}" if args.stem else ""
-    print(f"  model     {args.model}{stem}, norm {args.norm}, init {args.init}; {reslab_sides[0].trainer.num_params:,} params")
-    print(f"  data      {args.images} synthetic uint8 3x32x32 images, 10 classes, crop 4 + flip; batch {args.batch_size}")
+    print(f"  model     {args.model}{stem}, norm {args.norm}, init {args.init}; "
+          f"{reslab_sides[0].trainer.num_params:,} params")
+    print(f"  data      {args.images} synthetic uint8 3x32x32 images, 10 classes, crop 4 + flip; "
+          f"batch {args.batch_size}")
     print(f"  timing    {args.warmup_steps} warm-up steps each, then {args.rounds} interleaved rounds of "
           f"{args.steps} steps ({images_in(args.steps, args.images, args.batch_size)} images) per configuration")
     sys.stdout.flush()
@@ -547,7 +531,10 @@ def main(argv=None) -> int:
                       f"{achieved / unit:.3g}", f"{100 * achieved / refs[r.dtype]['flops_per_s']:.1f}% {r.dtype}",
                       f"{r.img_per_s / base:.2f}x"))
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    def line(cells):
+        padded = (c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return "  ".join(padded)
+
     print(line(header))
     print("  ".join("-" * w for w in widths))
     for row in table:
@@ -556,7 +543,8 @@ def main(argv=None) -> int:
     pipes = None
     if args.pipeline_only:
         pipes = pipeline_only(reslab_sides[0], baseline_sides[0], args.steps)
-        print(f"\ndata pipeline alone (no model, {args.steps} steps): reslab train_batches {pipes['reslab']:,.0f} img/s, "
+        print(f"\ndata pipeline alone (no model, {args.steps} steps): "
+              f"reslab train_batches {pipes['reslab']:,.0f} img/s, "
               f"baseline DataLoader (workers={args.worker_list[0]}) {pipes['baseline']:,.0f} img/s")
 
     contention_share, contention_text = contention.report()
@@ -578,7 +566,7 @@ def main(argv=None) -> int:
             "train_flops_per_image": flops_per_image,
             "matmul": {k: {"flops_per_s": v["flops_per_s"], "n": v["n"], "label": v["label"]} for k, v in refs.items()},
             "rows": [{"side": s.row.side, "label": s.row.label, "dtype": s.row.dtype, "img_per_s": s.row.img_per_s,
-                      "window_img_per_s": [i / t for i, t in zip(s.row.images, s.row.seconds)],
+                      "window_img_per_s": [i / t for i, t in zip(s.row.images, s.row.seconds, strict=True)],
                       "achieved_flops_per_s": flops_per_image * s.row.img_per_s,
                       "fraction_of_matmul": flops_per_image * s.row.img_per_s / refs[s.row.dtype]["flops_per_s"],
                       "vs_baseline": s.row.img_per_s / base} for s in sides],

@@ -6,8 +6,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from reslab.cli import main
+from reslab.config import TrainConfig
+from reslab.distributed import Dist, check_world_size
+from reslab.errors import SpecError
 
 GN_RUN = ["--model", "cifar_resnet20", "--norm", "gn", "--dataset", "mnist5k", "--epochs", "3", "--batch-size", "100",
           "--optimizer", "adam", "--lr", "3e-3", "--schedule", "cosine", "--progress", "none"]
@@ -23,6 +27,28 @@ def torchrun(*args, nproc=2, launcher=()):
 
 def rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_plain_process_is_rank_0_of_1_and_joins_no_group(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    dist = Dist.from_env()
+    assert (dist.rank, dist.world_size, dist.local_rank, dist.is_main) == (0, 1, 0, True)
+    cpu = torch.device("cpu")
+    with dist.process_group(cpu):
+        assert not torch.distributed.is_initialized()
+        assert dist.device_for(cpu) == cpu
+        assert torch.equal(dist.all_sum(torch.ones(2)), torch.ones(2)) and dist.all_min(torch.ones(1)).item() == 1
+    monkeypatch.setenv("RANK", "first")
+    with pytest.raises(SpecError, match="RANK, WORLD_SIZE and LOCAL_RANK must be integers"):
+        Dist.from_env()
+
+
+def test_a_global_batch_that_does_not_split_over_the_ranks_names_one_that_does():
+    check_world_size(TrainConfig(batch_size=32, eval_batch_size=64), Dist(rank=1, world_size=4))
+    with pytest.raises(SpecError, match=r"--eval-batch-size 33 is a global batch .* 2 processes .* "
+                                         r"e.g. --eval-batch-size 34$"):
+        check_world_size(TrainConfig(batch_size=32, eval_batch_size=33), Dist(world_size=2))
 
 
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path):

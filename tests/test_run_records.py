@@ -33,11 +33,14 @@ def cli(capsys, *argv):
     return code, out, err
 
 
-def tiny(out, **overrides):
-    values = dict(dataset=SYNTH, model="simple_cnn", norm="gn", batch_size=32, optimizer="sgd", lr=0.05,
-                  progress="none", out=str(out), epochs=2)
-    values.update(overrides)
-    return TrainConfig(**values)
+@pytest.fixture
+def tiny(tiny_config):
+    """``tiny(out, **overrides)``: the shared tiny run as a TrainConfig, with GroupNorm, for two epochs."""
+
+    def make(out, **overrides):
+        return TrainConfig(**tiny_config(out, **{"norm": "gn", "epochs": 2, **overrides}))
+
+    return make
 
 
 def metrics(run_dir):
@@ -104,7 +107,7 @@ def test_cli_zero_init_residual_reaches_the_trained_model(capsys, tmp_path):
 def test_inspect_shows_zeroed_branch_scales(capsys):
     code, out, _ = cli(capsys, "inspect", "cifar_resnet20", "--init", "kaiming_normal", "-o", "zero_init_residual=true")
     assert code == 0
-    line = next(l for l in out.splitlines() if l.startswith("layer1.0.bn2.weight"))
+    line = next(row for row in out.splitlines() if row.startswith("layer1.0.bn2.weight"))
     assert "zero_init_residual" in line and line.split()[-1] == "0"
 
 
@@ -175,8 +178,9 @@ def test_resume_may_raise_epochs_under_a_constant_schedule(capsys, tmp_path):
     first = json.loads((split / "summary.json").read_text())
     # an execution field (eval batch) may change too
     assert cli(capsys, "train", *TINY, "--epochs", "2", "--eval-batch-size", "16", "--out", split, "--resume")[0] == 0
-    exact = lambda rows: [{k: v for k, v in r.items() if k not in ("epoch_time_s", "images_per_s", "eval_loss")}
-                          for r in rows]
+    def exact(rows):
+        return [{k: v for k, v in r.items() if k not in ("epoch_time_s", "images_per_s", "eval_loss")} for r in rows]
+
     assert exact(metrics(straight)) == exact(metrics(split))
     # another eval batch sums the eval loss in another order: equal to rounding
     assert [r["eval_loss"] for r in metrics(split)] == pytest.approx([r["eval_loss"] for r in metrics(straight)])
@@ -203,7 +207,7 @@ def test_resuming_a_finished_run_keeps_its_record(capsys, tmp_path):
 # --- refused before any work ---------------------------------------------------------------
 
 
-def test_mps_and_unsupported_bf16_are_refused_up_front(capsys, tmp_path, monkeypatch):
+def test_mps_and_unsupported_bf16_are_refused_up_front(capsys, tmp_path, monkeypatch, tiny):
     code, _, err = cli(capsys, "train", *TINY, "--device", "mps", "--out", tmp_path / "m")
     assert code == 2 and "mps" in err and "cpu" in err and not (tmp_path / "m").exists()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -236,10 +240,10 @@ def test_one_failing_rank_ends_the_job_and_records_why(tmp_path):
         import os, sys
         import reslab.training as t
         original = t.Trainer.train_epoch
-        def train_epoch(self, progress):
+        def train_epoch(self, *args, **kwargs):
             if self.dist.rank == 1 and self.epoch == 1:
                 raise RuntimeError("injected fault on rank 1")
-            return original(self, progress)
+            return original(self, *args, **kwargs)
         t.Trainer.train_epoch = train_epoch
         from reslab.cli import main
         sys.exit(main())
@@ -265,43 +269,39 @@ def first_batch_loss(cfg, label_smoothing):
     return float(F.cross_entropy(model(x), y, label_smoothing=label_smoothing).detach())
 
 
-def test_label_smoothing_is_the_loss_trained_on(tmp_path):
+def test_label_smoothing_is_the_loss_trained_on(tmp_path, tiny):
     cfg = tiny(tmp_path / "ls", label_smoothing=0.2, epochs=1)
     result = train(cfg)
     assert result.summary["first_step_loss"] == pytest.approx(first_batch_loss(cfg, 0.2), rel=1e-5)
     assert result.summary["first_step_loss"] != pytest.approx(first_batch_loss(cfg, 0.0), rel=1e-3)
 
 
-def test_grad_clip_bounds_every_step(tmp_path):
+def test_grad_clip_bounds_every_step(tmp_path, tiny):
     clip, lr = 1e-3, 0.5
     cfg = tiny(tmp_path / "clip", grad_clip=clip, lr=lr, momentum=0.0, weight_decay=0.0, epochs=1)
     trainer = Trainer(cfg, tmp_path / "clip", torch.device("cpu"))
     before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
 
-    class Quiet:
-        def update(self, n):
-            pass
-
-    trainer.train_epoch(Quiet())
+    trainer.train_epoch()
     after = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
     steps = trainer.steps_per_epoch
     # plain SGD: each step moves the weights by lr * ||g||, and clipping caps ||g||
     assert float((after - before).norm()) <= steps * lr * clip * (1 + 1e-4)
     free = Trainer(tiny(tmp_path / "free", lr=lr, momentum=0.0, weight_decay=0.0, epochs=1), tmp_path / "free",
                    torch.device("cpu"))
-    free.train_epoch(Quiet())
+    free.train_epoch()
     moved = torch.cat([p.detach().flatten() for p in free.model.parameters()]) - before
     assert float(moved.norm()) > 10 * steps * lr * clip
 
 
-def test_warmup_ramps_the_lr_per_step(tmp_path):
+def test_warmup_ramps_the_lr_per_step(tmp_path, tiny):
     train(tiny(tmp_path / "w", warmup_epochs=2, epochs=3, lr=0.06))
     steps = 6  # 192 images / batch 32
     lrs = [r["lr"] for r in metrics(tmp_path / "w")]  # lr at the first step of each epoch
     assert lrs == pytest.approx([0.06 * 1 / (2 * steps), 0.06 * (steps + 1) / (2 * steps), 0.06])
 
 
-def test_nesterov_reaches_the_optimizer_and_changes_the_run(tmp_path):
+def test_nesterov_reaches_the_optimizer_and_changes_the_run(tmp_path, tiny):
     plain = train(tiny(tmp_path / "p", epochs=1))
     nesterov_cfg = tiny(tmp_path / "n", epochs=1, nesterov=True)
     trainer = Trainer(nesterov_cfg, tmp_path / "n", torch.device("cpu"))
@@ -310,7 +310,7 @@ def test_nesterov_reaches_the_optimizer_and_changes_the_run(tmp_path):
     assert nesterov.summary["final_train_loss"] != plain.summary["final_train_loss"]
 
 
-def test_no_decay_on_norms_and_biases(tmp_path):
+def test_no_decay_on_norms_and_biases(tmp_path, tiny):
     cfg = tiny(tmp_path / "d", decay_norm_and_bias=False, weight_decay=0.1)
     trainer = Trainer(cfg, tmp_path / "d", torch.device("cpu"))
     names = {id(p): n for n, p in trainer.model.named_parameters()}
@@ -323,7 +323,7 @@ def test_no_decay_on_norms_and_biases(tmp_path):
     assert all(p.ndim > 1 for p in decayed["params"])
 
 
-def test_channels_last_gives_the_same_run(tmp_path):
+def test_channels_last_gives_the_same_run(tmp_path, tiny):
     nchw = train(tiny(tmp_path / "a", epochs=1, channels_last="off"))
     assert nchw.summary["channels_last"] is False
     trainer = Trainer(tiny(tmp_path / "b", epochs=1, channels_last=True), tmp_path / "b", torch.device("cpu"))
@@ -335,7 +335,7 @@ def test_channels_last_gives_the_same_run(tmp_path):
     assert nhwc.summary["final_train_loss"] == pytest.approx(nchw.summary["final_train_loss"], rel=1e-3)
 
 
-def test_channels_last_auto_is_on_for_convolutional_models_only(tmp_path):
+def test_channels_last_auto_is_on_for_convolutional_models_only(tmp_path, tiny):
     assert TrainConfig().channels_last == "auto"
     cases = (("simple_cnn", "gn", True), ("cifar_resnet20", "bn", True), ("cifar_resnet20", "ln", True),
              ("mlp", "none", False),
@@ -374,7 +374,7 @@ def test_channels_last_bad_value_and_earlier_boolean_configs(capsys, tmp_path):
     assert config_from_dict({"channels_last": True}).channels_last == "on"
 
 
-def test_val_split_evaluates_on_held_out_train_and_reports_its_best_epoch(tmp_path):
+def test_val_split_evaluates_on_held_out_train_and_reports_its_best_epoch(tmp_path, tiny):
     result = train(tiny(tmp_path / "v", val_split=0.25, epochs=2))
     s = result.summary
     assert s["eval_split"] == "val" and s["best_eval_acc"] == max(r["eval_acc"] for r in metrics(tmp_path / "v"))
@@ -385,7 +385,7 @@ def test_val_split_evaluates_on_held_out_train_and_reports_its_best_epoch(tmp_pa
     assert test["eval_split"] == "test" and test["best_eval_acc"] is None  # no selection on the test split
 
 
-def test_train_step_sends_no_host_tensor_per_step(tmp_path, monkeypatch):
+def test_train_step_sends_no_host_tensor_per_step(tmp_path, monkeypatch, tiny):
     """Counts stay on the host side and on the device: no torch.tensor() built per step."""
     calls = []
     real = torch.tensor
@@ -395,16 +395,13 @@ def test_train_step_sends_no_host_tensor_per_step(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     def tensors_per_epoch(train_images):
-        cfg = tiny(tmp_path / f"c{train_images}", dataset=f"synthetic:train={train_images},test=64,size=8,channels=1,classes=4")
+        dataset = f"synthetic:train={train_images},test=64,size=8,channels=1,classes=4"
+        cfg = tiny(tmp_path / f"c{train_images}", dataset=dataset)
         trainer = Trainer(cfg, tmp_path / "c", torch.device("cpu"))
-
-        class Quiet:
-            def update(self, n):
-                pass
 
         calls.clear()
         monkeypatch.setattr(torch, "tensor", counting)
-        trainer.train_epoch(Quiet())
+        trainer.train_epoch()
         trainer.evaluate()
         monkeypatch.setattr(torch, "tensor", real)
         return len(calls)
@@ -412,7 +409,7 @@ def test_train_step_sends_no_host_tensor_per_step(tmp_path, monkeypatch):
     assert tensors_per_epoch(192) == tensors_per_epoch(384)  # 6 vs 12 steps
 
 
-def test_compile_builds_the_train_step_once_and_never_for_eval(tmp_path, monkeypatch):
+def test_compile_builds_the_train_step_once_and_never_for_eval(tmp_path, monkeypatch, tiny):
     compiles = []
 
     def backend(gm, example_inputs):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -15,8 +14,8 @@ import reslab
 from reslab.cli import main
 from reslab.config import TrainConfig
 from reslab.errors import SpecError
-from reslab.rundir import CHECKPOINT_FILE, CONFIG_FILE, MODEL_STATE, read_summary, run_status
 from reslab.evaluate import load_run
+from reslab.rundir import CHECKPOINT_FILE, CONFIG_FILE, MODEL_STATE, Run, RunDir, read_summary, run_status
 from reslab.training import train
 
 DATASET = "synthetic:train=192,test=64,size=8,channels=1,classes=4,noise=120"
@@ -45,7 +44,8 @@ def _owner(name: str, modules: dict[str, Path]) -> str | None:
 
 
 def _imports(module: str, file: Path, modules: dict[str, Path], package: str) -> set[str]:
-    """The package's modules that ``module`` imports anywhere in its file (top level, functions, relative or absolute)."""
+    """The package's modules that ``module`` imports anywhere in its file (top level, functions, relative or
+    absolute)."""
     is_package = file.name == "__init__.py"
     here = module if is_package else module.rpartition(".")[0]
     found: set[str] = set()
@@ -126,12 +126,41 @@ def test_cycle_finder_sees_function_level_and_relative_imports(tmp_path):
 
 
 def test_old_module_names_still_import():
-    from reslab import reporting as report, rundir, sweeps as sweep
+    from reslab import reporting as report
+    from reslab import rundir
+    from reslab import sweeps as sweep
     from reslab import training as train_module
 
     for name in ("CONFIG_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "SUMMARY_FILE", "STEPS_FILE", "read_summary"):
         assert getattr(train_module, name) is getattr(rundir, name)
     assert sweep.run_status is rundir.run_status and report.CONFIG_FILE == rundir.CONFIG_FILE
+
+
+# --- one object writes and reads a run directory -------------------------------------------------
+
+
+def test_run_dir_writes_the_records_it_reads_back(tmp_path, tiny_config):
+    run_dir = RunDir(tmp_path / "run")
+    cfg = TrainConfig(**tiny_config(run_dir.path))
+    assert not run_dir.is_run() and not run_dir.holds_files() and run_dir.missing() == [CONFIG_FILE, CHECKPOINT_FILE]
+    run_dir.write_config(cfg, {"world_size": 2})
+    assert run_dir.read_config() == cfg and "# world_size: 2\n" in run_dir.file(CONFIG_FILE).read_text()
+    run_dir.append_metrics({"epoch": 1}, {"epoch": 2})
+    run_dir.append_steps(*[{"step": s} for s in (5, 10, 15)])
+    run_dir.append_steps()  # an epoch that logged nothing leaves the file as it is
+    run_dir.save_checkpoint({MODEL_STATE: {"w": torch.ones(2)}, "epoch": 1})
+    assert run_dir.read_checkpoint()["epoch"] == 1 and run_dir.missing() == []
+    planned = run_dir.read()
+    assert planned.summary is None and planned.status == "incomplete" and planned.run_id == "run"
+    # a resume from the checkpoint after epoch 1, step 10: what came later is about to be redone
+    assert run_dir.keep_records_until(1, 10) == ([{"epoch": 1}], [{"step": 5}, {"step": 10}])
+    run_dir.write_summary({"status": "completed", "final_eval_acc": 0.5, "eval_split": "test", "wall_time_s": 2.0})
+    assert run_dir.status() == run_status(run_dir.path) == "completed"
+    assert run_dir.numbers() == ", test acc 0.5000, 2.0 s"
+    assert Run.read(run_dir.path) == run_dir.read() == Run(path=run_dir.path, config=cfg, summary=read_summary(
+        run_dir.path), metrics=[{"epoch": 1}], steps=[{"step": 5}, {"step": 10}])
+    assert sorted(p.name for p in run_dir.path.iterdir()) == sorted(
+        [CONFIG_FILE, CHECKPOINT_FILE, "metrics.jsonl", "steps.jsonl", "summary.json"])  # no temp files left
 
 
 # --- load_run and reslab eval -------------------------------------------------------------------
@@ -170,9 +199,10 @@ def test_load_run_gives_the_config_records_and_checkpoint_weights(finished):
     loaded = run.model.state_dict()
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
     assert not run.model.training and all(p.device.type == "cpu" for p in run.model.parameters())
-    assert run.channels_last is result.summary["channels_last"]
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        run.summary = {}  # type: ignore[misc]
+    assert run.channels_last is result.channels_last is result.summary["channels_last"]
+    # one record of a run: what train returned is what load_run reads back, less the model
+    assert type(result) is Run and type(run) is Run and result.model is None and reslab.LoadedRun is Run
+    assert (result.status, result.metrics, result.steps) == (run.status, run.metrics, run.steps)
 
 
 def test_load_run_refuses_a_directory_that_is_not_a_run(tmp_path, finished):

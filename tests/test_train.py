@@ -15,7 +15,7 @@ import yaml
 from reslab.cli import main
 from reslab.config import TrainConfig, named_configs
 from reslab.optim import make_scheduler
-from reslab.training import train
+from reslab.training import Trainer, train
 
 TINY = ["--dataset", "synthetic:train=192,test=64,size=8,channels=1,classes=4", "--model", "simple_cnn",
         "--norm", "gn", "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05", "--progress", "none"]
@@ -36,6 +36,16 @@ def without_timing(rows):
     return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
 
 
+@pytest.fixture
+def tiny(tiny_config):
+    """``tiny(out, **overrides)``: the shared tiny run as a TrainConfig, with GroupNorm, for three epochs."""
+
+    def make(out, **overrides):
+        return TrainConfig(**tiny_config(out, **{"norm": "gn", "epochs": 3, **overrides}))
+
+    return make
+
+
 def test_mlp_on_mnist5k_reaches_90_percent(capsys, tmp_path):
     out = tmp_path / "run"
     code, stdout, _ = cli(capsys, "train", "--model", "mlp", "--dataset", "mnist5k", "--epochs", "3",
@@ -51,9 +61,9 @@ def test_mlp_on_mnist5k_reaches_90_percent(capsys, tmp_path):
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
 
 
-def test_run_directory_records(tmp_path):
+def test_run_directory_records(tmp_path, tiny):
     out = tmp_path / "run"
-    result = train(TrainConfig(**_tiny_config(out, epochs=2)))
+    result = train(tiny(out, epochs=2))
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.yaml", "metrics.jsonl", "steps.jsonl",
                                                      "summary.json"]
     saved = yaml.safe_load((out / "config.yaml").read_text())
@@ -67,19 +77,24 @@ def test_run_directory_records(tmp_path):
     assert state["epoch"] == 2 and state["config"]["model"] == "simple_cnn"
 
 
-def _tiny_config(out, **overrides):
-    values = dict(dataset="synthetic:train=192,test=64,size=8,channels=1,classes=4", model="simple_cnn", norm="gn",
-                  batch_size=32, optimizer="sgd", lr=0.05, progress="none", out=str(out), epochs=3)
-    values.update(overrides)
-    return values
+def test_train_epoch_can_stop_after_a_number_of_steps(tmp_path, tiny):
+    """A benchmark times N steps: train_epoch(max_steps=N) takes exactly N (or the epoch, if shorter)."""
+    trainer = Trainer(tiny(tmp_path / "run", log_every=3), tmp_path / "run", torch.device("cpu"))
+    stats = trainer.train_epoch(max_steps=4)
+    assert (stats.steps, stats.images, trainer.step, trainer.epoch) == (4, 128, 4, 0)
+    assert [(r["step"], r["steps"]) for r in stats.step_rows] == [(3, 3), (4, 1)]  # every step taken is logged
+    assert stats.diverged_at is None and 0 < stats.train_acc <= 1 and stats.images_per_s > 0
+    trainer.epoch += 1
+    assert trainer.train_epoch(max_steps=100).steps == trainer.steps_per_epoch == 6
+    assert not (tmp_path / "run").exists()  # a bare Trainer writes nothing: fit() keeps the records
 
 
 @pytest.mark.parametrize("model, extra", [("simple_cnn", {}), ("mlp", {"optimizer": "adam", "lr": 1e-3})])
-def test_resume_equals_uninterrupted(tmp_path, model, extra):
+def test_resume_equals_uninterrupted(tmp_path, tiny, model, extra):
     """1 epoch, then --resume to 3 == 3 straight: same metrics and same weights (dropout RNG included for mlp)."""
-    straight = train(TrainConfig(**_tiny_config(tmp_path / "straight", model=model, **extra)))
-    train(TrainConfig(**_tiny_config(tmp_path / "split", model=model, epochs=1, **extra)))
-    resumed = train(TrainConfig(**_tiny_config(tmp_path / "split", model=model, resume=True, **extra)))
+    straight = train(tiny(tmp_path / "straight", model=model, **extra))
+    train(tiny(tmp_path / "split", model=model, epochs=1, **extra))
+    resumed = train(tiny(tmp_path / "split", model=model, resume=True, **extra))
     assert straight.status == resumed.status == "completed"
     assert without_timing(metrics(tmp_path / "straight")) == without_timing(metrics(tmp_path / "split"))
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["model"]
@@ -137,7 +152,8 @@ def test_config_file_print_config_and_shipped_recipes(capsys, tmp_path):
     assert {"resnet34_cifar10_seed", "he2015_cifar"} <= set(named_configs())
     code, out, _ = cli(capsys, "train", "--config", "he2015_cifar", "--print-config")
     he = yaml.safe_load(out)
-    assert (he["optimizer"], he["lr"], he["momentum"], he["weight_decay"], he["batch_size"]) == ("sgd", 0.1, 0.9, 1e-4, 128)
+    recipe = (he["optimizer"], he["lr"], he["momentum"], he["weight_decay"], he["batch_size"])
+    assert recipe == ("sgd", 0.1, 0.9, 1e-4, 128)
     code, out, _ = cli(capsys, "train", "--config", "resnet34_cifar10_seed", "--print-config")
     seed = yaml.safe_load(out)
     assert (seed["model"], seed["optimizer"], seed["schedule"]) == ("resnet34", "adamw", "step:every=20,gamma=0.3333")
@@ -235,9 +251,9 @@ def test_bad_flag_values_are_one_line_exit_2_and_write_nothing(capsys, tmp_path,
     assert not out.exists()
 
 
-def test_existing_run_dir_needs_resume_and_corrupt_checkpoint_is_reported(capsys, tmp_path):
+def test_existing_run_dir_needs_resume_and_corrupt_checkpoint_is_reported(capsys, tmp_path, tiny):
     out = tmp_path / "run"
-    train(TrainConfig(**_tiny_config(out, epochs=1)))
+    train(tiny(out, epochs=1))
     before = sorted(p.name for p in out.iterdir())
     code, _, err = cli(capsys, "train", *TINY, "--epochs", "1", "--out", str(out))
     assert code == 2 and "--resume" in err and sorted(p.name for p in out.iterdir()) == before
@@ -245,7 +261,7 @@ def test_existing_run_dir_needs_resume_and_corrupt_checkpoint_is_reported(capsys
     code, _, err = cli(capsys, "train", *TINY, "--epochs", "2", "--out", str(out), "--resume")
     assert code == 2 and "corrupted" in err and len(err.strip().splitlines()) == 1
     # a resume that changes what the run computes names each change, whatever the checkpoint holds
-    train(TrainConfig(**_tiny_config(tmp_path / "other", epochs=1)))
+    train(tiny(tmp_path / "other", epochs=1))
     code, _, err = cli(capsys, "train", *TINY, "--epochs", "1", "--lr", "0.1", "--model", "mlp",
                        "--out", str(tmp_path / "other"), "--resume")
     assert code == 2 and "--model 'simple_cnn' -> 'mlp'" in err and "--lr 0.05 -> 0.1" in err

@@ -5,13 +5,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
+from .build import build_for
 from .config import TrainConfig
 from .data import Dataset
 from .datasets import load_dataset
@@ -20,58 +20,47 @@ from .rundir import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
     MODEL_STATE,
+    Run,
+    RunDir,
     UnreadableRecord,
-    read_checkpoint,
     read_config,
-    read_metrics,
-    read_steps,
-    read_summary,
     require_run_dir,
 )
-from .training import build_for, evaluate_model, resolve_device, run_dataset, uses_channels_last
+from .training import evaluate_model, resolve_device, run_dataset, uses_channels_last
 
 EVAL_SPLITS = ("test", "val", "train")
 
 
-@dataclass(frozen=True)
-class LoadedRun:
-    """A run directory read back: its records, and its model with the checkpoint's weights."""
-
-    path: Path
-    config: TrainConfig
-    summary: dict[str, Any]  # summary.json; empty while the run has not ended
-    metrics: list[dict[str, Any]]  # metrics.jsonl: one row per completed epoch
-    steps: list[dict[str, Any]]  # steps.jsonl: one row per logged interval of steps
-    model: nn.Module = field(repr=False)  # built as training built it, in eval mode
-
-    @property
-    def channels_last(self) -> bool:
-        """Whether the model runs in NHWC, as it did in training (and so takes NHWC batches)."""
-        return uses_channels_last(self.config.channels_last, self.model)
+# The name load_run's result had before reslab.rundir.Run was every part's record of a run.
+LoadedRun = Run
 
 
-def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
+def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     """Read the run directory ``path``: config, records, and the model as of its last checkpoint.
 
     The model is built exactly as training built it (the run's dataset sizes it,
     its memory format is the run's) and holds the checkpoint's weights, in eval
-    mode on ``device``.  Returns a :class:`LoadedRun`; a directory without a
-    config.yaml or a checkpoint.pt, or with unreadable ones, is a SpecError.
+    mode on ``device``.  Returns the run's record, a :class:`reslab.rundir.Run` with its
+    ``model`` (and ``channels_last``, the model's memory format) set; ``summary`` is None
+    while the run has not ended.  A directory without a config.yaml or a
+    checkpoint.pt, or with unreadable ones, is a SpecError.
     """
     folder = require_run_dir(path)
     run, _ = _load_run(folder, read_config(folder), resolve_device(str(device)))
     return run
 
 
-def _load_run(folder: Path, cfg: TrainConfig, device: torch.device) -> tuple[LoadedRun, Dataset]:
+def _load_run(folder: Path, cfg: TrainConfig, device: torch.device) -> tuple[Run, Dataset]:
     """The run in ``folder`` (config ``cfg``) on ``device``, and the dataset it trained on."""
-    state = read_checkpoint(folder, device)
+    run_dir = RunDir(folder)
+    state = run_dir.read_checkpoint(device)
     if not isinstance(state.get(MODEL_STATE), dict):
         raise UnreadableRecord(folder / CHECKPOINT_FILE, f"no {MODEL_STATE!r} state dict: not a reslab checkpoint")
     data = run_dataset(cfg, device)
     with torch.random.fork_rng(devices=[]):  # building draws from the global generator: leave the caller's alone
         model = build_for(cfg, data, initialize=False).to(device)  # the checkpoint holds every weight
-    if uses_channels_last(cfg.channels_last, model):
+    channels_last = uses_channels_last(cfg.channels_last, model)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     try:
         model.load_state_dict(state[MODEL_STATE])
@@ -79,9 +68,8 @@ def _load_run(folder: Path, cfg: TrainConfig, device: torch.device) -> tuple[Loa
         raise SpecError(f"checkpoint {str(folder / CHECKPOINT_FILE)!r} does not fit the model its {CONFIG_FILE} "
                         f"describes ({type(exc).__name__})") from None
     model.eval()
-    summary = read_summary(folder) or {}
-    run = LoadedRun(path=folder, config=cfg, summary=summary, metrics=read_metrics(folder), steps=read_steps(folder),
-                    model=model)
+    run = Run(path=folder, config=cfg, summary=run_dir.read_summary(), metrics=run_dir.read_metrics(),
+              steps=run_dir.read_steps(), model=model, channels_last=channels_last)
     return run, data
 
 

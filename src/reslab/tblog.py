@@ -1,4 +1,4 @@
-"""TensorBoard event files of a run: ``--tensorboard`` writes them into ``RUN/tb/``.
+"""TensorBoard event files of a run: ``--tensorboard`` writes them into ``RUN/tb/`` (``RunDir.tb_dir``).
 
 What is written, and at which global step:
 
@@ -39,7 +39,6 @@ import yaml
 from .config import EXECUTION_FIELDS, TrainConfig
 from .errors import SpecError
 
-TB_DIR = "tb"  # inside the run directory
 FINAL_METRIC = "hparam/final_eval_acc"
 _EVENT_FILE = re.compile(r"^events\.out\.tfevents\.(\d+)\.")
 _EPOCH_TAGS = (("train/epoch_loss", "train_loss"), ("train/acc", "train_acc"), ("eval/loss", "eval_loss"),

@@ -1,17 +1,23 @@
 """Training: ``train(config)`` runs one config into one run directory.
 
-A run directory holds (names and readers: :mod:`reslab.rundir`)
+:class:`Trainer` owns a run: built from a config, it trains one epoch at a time
+(:meth:`Trainer.train_epoch`, or its first N steps for a benchmark) and runs the
+whole run with :meth:`Trainer.fit`, the one loop that trains, evaluates,
+checkpoints and records every epoch and ends the run completed, diverged or
+failed.  Everything it writes into the run directory goes through
+:class:`reslab.rundir.RunDir`:
 
 - ``config.yaml``   the resolved config (what produced the numbers),
-- ``metrics.jsonl`` one JSON object per epoch,
+- ``metrics.jsonl`` one JSON object per epoch, ``steps.jsonl`` one per interval of steps,
 - ``checkpoint.pt`` written atomically after every epoch: model, optimizer,
   scheduler, grad scaler, epoch and RNG state, config - plain tensors,
   numbers and strings only, so ``torch.load(weights_only=True)`` reads it,
 - ``summary.json``  written when the run ends (completed, diverged or failed),
 - ``tb/``           TensorBoard event files, with ``tensorboard=True`` (:mod:`reslab.tblog`).
 
-``load_run(dir)`` reads a run back with its model as training built it, and
-``evaluate_run(dir)`` measures that model on a split the way training did.
+``train`` returns the run's record, a :class:`reslab.rundir.Run`; ``load_run(dir)``
+reads a run back with its model as training built it, and ``evaluate_run(dir)``
+measures that model on a split the way training did.
 
 ``resume=True`` continues from the checkpoint up to ``config.epochs`` and gives
 exactly the metrics and weights of an uninterrupted run on the CPU: the data
@@ -21,43 +27,48 @@ global RNG state (dropout) is restored from the checkpoint.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
-import os
 import platform
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .build import build_for
+from .build import check as check_model
 from .config import EXECUTION_FIELDS, PROGRESS, TrainConfig, config_from_dict, describe_differences, resume_conflicts
 from .data import Dataset
 from .datasets import load_dataset
 from .diagnose import count_params
+from .distributed import Dist, check_world_size
 from .errors import SpecError, choices_error
-from .fileio import unwritable_reason, append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text, read_jsonl, rewrite_jsonl
-from .inits import init_weights, needs_batch, parse_policy
-from .models import build_model
-from .norms import norm_factory
+from .fileio import unwritable_reason
 from .optim import make_optimizer, make_scheduler, parse_schedule
-from .rundir import (
+
+# CONFIG_FILE, METRICS_FILE, STEPS_FILE, SUMMARY_FILE and read_summary are not used here: callers that
+# found them in this module before reslab.rundir owned the run directory still do.
+from .rundir import (  # noqa: F401
     CHECKPOINT_FILE,
     CONFIG_FILE,
     METRICS_FILE,
     MODEL_STATE,
     STEPS_FILE,
     SUMMARY_FILE,
+    Run,
+    RunDir,
     UnreadableRecord,
-    read_checkpoint,
     read_summary,
 )
-from .tblog import TB_DIR, TensorBoardLog, check_available
+from .tblog import TensorBoardLog, check_available
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +78,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class RunFailed(RuntimeError):
     """The run started but could not finish (not bad input)."""
-
-
-@dataclass
-class RunResult:
-    out: Path
-    status: str  # completed | diverged | failed
-    summary: dict[str, Any]
 
 
 # --- setup -----------------------------------------------------------------------
@@ -91,9 +95,8 @@ def resolve_device(spec: str) -> torch.device:
         if not torch.cuda.is_available():
             raise SpecError(f"--device {spec!r} asked for CUDA, but no CUDA device is available; use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise SpecError(
-                f"--device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})"
-            )
+            count = torch.cuda.device_count()
+            raise SpecError(f"--device {spec!r}: only {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
     if device.type == "mps":
         # The loop keeps float64 sums on the device and the datasets compute float64
         # channel statistics: MPS has no float64 kernels, so a run would fail mid-way.
@@ -113,8 +116,7 @@ def _native_bf16() -> bool:
 def check_config(cfg: TrainConfig) -> None:
     """Everything that can be checked before touching data or disk."""
     cfg.validate()
-    norm_factory(cfg.norm)
-    parse_policy(cfg.init)
+    check_model(cfg)
     parse_schedule(cfg.schedule)
     device = resolve_device(cfg.device)
     if cfg.precision != "fp32" and device.type != "cuda":
@@ -144,7 +146,7 @@ def preflight(configs: list[TrainConfig]) -> None:
             datasets[key] = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
                                          val_split=cfg.val_split, seed=cfg.seed)
         with torch.device("meta"):
-            model_for(cfg, datasets[key])
+            build_for(cfg, datasets[key], initialize=False)
 
 
 def _check_ghost_batches(model: nn.Module, cfg: TrainConfig, num_train: int, world_size: int) -> None:
@@ -202,36 +204,6 @@ def run_dataset(cfg: TrainConfig, device: torch.device | str = "cpu") -> Dataset
     )
 
 
-def first_batch(cfg: TrainConfig, data: Dataset) -> torch.Tensor:
-    """The run's first training batch (all of it, whatever the world size), on the CPU."""
-    x, _ = next(iter(data.train_batches(cfg.batch_size, epoch=0, seed=cfg.seed)))
-    return x.cpu()  # (B, C, H, W) normalized and augmented, exactly as step 1 sees it
-
-
-def model_for(cfg: TrainConfig, data: Dataset) -> nn.Module:
-    """The model of ``cfg`` sized for ``data``, built (with the residual branch its init needs), not initialized."""
-    return build_model(
-        cfg.model, num_classes=data.num_classes, in_channels=data.in_channels, norm=cfg.norm,
-        input_size=data.image_size, conv=cfg.conv, **cfg.model_options(),
-    )
-
-
-def build_for(cfg: TrainConfig, data: Dataset, *, initialize: bool = True) -> nn.Module:
-    """The model of ``cfg`` sized for ``data`` and initialized by ``cfg.init`` (on the CPU, NCHW).
-    A data-dependent init (``lsuv``) sees the run's first training batch.  ``initialize=False``
-    only builds it (:func:`model_for`), for weights loaded afterwards."""
-    model = model_for(cfg, data)
-    if not initialize:
-        return model
-    batch = first_batch(cfg, data) if needs_batch(cfg.init) else None
-    report = init_weights(model, cfg.init, seed=cfg.seed, batch=batch)
-    variances = [row.output_var for row in report if row.output_var is not None]
-    if variances:
-        log.info("init %s: output variance of %d layers on the first batch in [%.3f, %.3f]",
-                 cfg.init, len(variances), min(variances), max(variances))
-    return model
-
-
 def versions() -> dict[str, str]:
     import torchvision
 
@@ -241,65 +213,33 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-# --- distributed context (single process unless launched by torchrun) ---------------
+# --- the run -----------------------------------------------------------------------
 
 
 @dataclass
-class Dist:
-    """Where this process stands in a torchrun job (rank 0 of 1 when run plainly)."""
+class EpochStats:
+    """What one pass of :meth:`Trainer.train_epoch` measured, summed over every rank."""
 
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> Dist:
-        """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK."""
-        try:
-            return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                       int(os.environ.get("LOCAL_RANK", 0)))
-        except ValueError:
-            raise SpecError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (they are set by torchrun)") from None
+    train_loss: float  # mean cross-entropy over the images seen
+    train_acc: float
+    seconds: float
+    images: int  # images trained on, over every rank
+    steps: int  # optimizer steps taken
+    step_rows: list[dict[str, Any]]  # the steps.jsonl rows of the pass's intervals
+    diverged_at: int | None  # the first step whose loss was not finite, if any
 
     @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def init(self, device: torch.device) -> bool:
-        """Join the process group (nccl on GPUs, gloo on CPUs); True if this call created it."""
-        if self.world_size <= 1 or torch.distributed.is_initialized():
-            return False
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend, rank=self.rank, world_size=self.world_size,
-                                             device_id=device if device.type == "cuda" else None)
-        return True
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
-    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
-        """The sum over ranks, in a new tensor (``values`` may be a view of something still in use)."""
-        return self._reduce(values, torch.distributed.ReduceOp.SUM)
-
-    def all_min(self, values: torch.Tensor) -> torch.Tensor:
-        return self._reduce(values, torch.distributed.ReduceOp.MIN)
-
-    def _reduce(self, values: torch.Tensor, op) -> torch.Tensor:
-        values = values.clone()
-        if self.world_size > 1:
-            torch.distributed.all_reduce(values, op=op)
-        return values
-
-
-# --- the loop ----------------------------------------------------------------------
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
 class Trainer:
-    """One run: built from a validated config, driven epoch by epoch."""
+    """One run: built from a validated config for its run directory, it trains epoch by epoch
+    (:meth:`train_epoch`) and runs the whole run with its records (:meth:`fit`)."""
 
-    def __init__(self, cfg: TrainConfig, out: Path, device: torch.device, dist: Dist | None = None):
-        self.cfg, self.out, self.device = cfg, out, device
+    def __init__(self, cfg: TrainConfig, out: str | Path, device: torch.device, dist: Dist | None = None):
+        self.cfg, self.device = cfg, device
+        self.run_dir = RunDir(out)
         self.dist = dist or Dist()
         # Dropout draws from the global generator: seed it per run (and per
         # rank, so ranks drop different units); resume restores its state.
@@ -346,8 +286,13 @@ class Trainer:
         # Totals over every session of the run (a resume adds to them): wall time up to the
         # last checkpoint, and the seconds and images of the training epochs it holds.
         self.wall_time_s, self.train_seconds, self.train_images = 0.0, 0.0, 0.0
-        # Called with each steps.jsonl row as soon as its interval is measured (TensorBoard).
-        self.on_step_row: Callable[[dict[str, Any]], None] | None = None
+        self.progress = _Progress("none", 0, enabled=False)  # what fit() shows; silent for a bare Trainer
+        self.tb: TensorBoardLog | None = None  # fit() opens it with --tensorboard, on rank 0
+
+    @property
+    def layout(self) -> dict[str, int]:
+        """How the run is spread over processes: noted in config.yaml and in the summary."""
+        return {"world_size": self.dist.world_size, "per_device_batch": self.cfg.batch_size // self.dist.world_size}
 
     # -- state --
 
@@ -410,30 +355,88 @@ class Trainer:
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.train_images = float(state.get("train_images", 0.0))
 
+    # -- the run --
+
+    def fit(self, progress: str = "none") -> Run:
+        """Train from where the run stands (its start, or the checkpoint :meth:`load_state_dict`
+        loaded) up to ``cfg.epochs``, and record it; returns the run's record.
+
+        After every epoch the model is evaluated and the checkpoint and the metrics row
+        are written.  The run ends completed, diverged (a loss that is not finite: the
+        epoch stops there) or failed (an exception, recorded rather than raised), and its
+        summary is written.  ``progress`` says how it shows (``cfg.progress``'s choices).
+        Under torchrun a rank whose run breaks records the failure, aborts the process
+        group and raises :class:`RunFailed`.
+        """
+        cfg = self.cfg
+        with self._session() as (metrics, steps):
+            self.progress = _Progress(progress, self.steps_per_epoch * (cfg.epochs - self.epoch), self.dist.is_main)
+            status, ending = "completed", {}  # ending: why the run stopped early, for its summary
+            started, wall_before = time.perf_counter(), self.wall_time_s  # earlier sessions, up to the checkpoint
+            try:
+                while self.epoch < cfg.epochs:
+                    self.progress.start_epoch(self.epoch + 1, cfg.epochs)
+                    lr = self.optimizer.param_groups[0]["lr"]  # the lr of the epoch's first step
+                    stats = self.train_epoch()
+                    self._record_steps(stats.step_rows)
+                    steps.extend(stats.step_rows)
+                    if stats.diverged_at is not None:
+                        status, ending = "diverged", {"diverged_at_step": stats.diverged_at}
+                        log.warning("loss is not finite at step %d (epoch %d): run diverged", stats.diverged_at,
+                                    self.epoch + 1)
+                        break
+                    self.epoch += 1
+                    row = {"epoch": self.epoch, "train_loss": stats.train_loss, "train_acc": stats.train_acc,
+                           **self.evaluate(), "lr": lr, "epoch_time_s": stats.seconds,
+                           "images_per_s": stats.images_per_s}
+                    self.train_seconds += stats.seconds
+                    self.train_images += stats.images
+                    self.wall_time_s = wall_before + time.perf_counter() - started
+                    self._record_epoch(row)
+                    metrics.append(row)
+                    self.progress.end_epoch(row, cfg.epochs)
+            except (SpecError, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # noqa: BLE001 - a run that breaks is recorded, not a traceback
+                status, ending = "failed", {"error": f"{type(exc).__name__}: {exc}"}
+                where = f" on rank {self.dist.rank}" if self.dist.world_size > 1 else ""
+                log.error("run failed%s: %s", where, ending["error"])
+            finally:
+                self.progress.close()
+            summary = {**self._summary(status, metrics, wall_before + time.perf_counter() - started), **ending}
+            return self._end(summary, metrics, steps)
+
     # -- epochs --
 
     def autocast(self):
         return autocast_for(self.device, self.cfg.precision)
 
-    def train_epoch(self, progress) -> dict[str, Any]:
+    def train_epoch(self, max_steps: int | None = None) -> EpochStats:
+        """One pass over the training split with epoch ``self.epoch``'s order and augmentation, or
+        over its first ``max_steps`` batches; ``self.epoch`` is left to the caller to advance.
+
+        The pass stops at the end of the first interval of ``cfg.log_every`` steps in
+        which a loss was not finite (``diverged_at`` says at which step).
+        """
         cfg, dist = self.cfg, self.dist
         self.net.train()
-        # Sums live on the device; one sync per epoch (plus the periodic finite check).
+        # Sums live on the device; one sync per epoch (plus one per interval, below).
         totals = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss*n, correct
         count = 0  # images seen: known on the host, so no tensor crosses to the device per step
         first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
         # The per-step record: the loss summed on the device over each interval of
         # cfg.log_every steps, read back (with the non-finite check) once per interval.
         interval_loss = torch.zeros((), device=self.device, dtype=torch.float64)
-        interval_steps = 0
+        interval_steps, first_step = 0, self.step
         step_rows: list[dict[str, Any]] = []
         diverged_at = None
+        last = self.steps_per_epoch if max_steps is None else min(max_steps, self.steps_per_epoch)
         start = time.perf_counter()
         batches = self.data.train_batches(
             cfg.batch_size, epoch=self.epoch, seed=cfg.seed, drop_last=dist.world_size > 1,
             rank=dist.rank, world_size=dist.world_size, channels_last=self.channels_last,
         )
-        for i, (x, y) in enumerate(batches):  # x: (B, C, H, W) normalized, y: (B,)
+        for i, (x, y) in enumerate(itertools.islice(batches, last)):  # x: (B, C, H, W) normalized, y: (B,)
             with self.autocast():
                 logits = self.net(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
@@ -457,35 +460,36 @@ class Trainer:
                 first_bad = torch.where(~torch.isfinite(loss.detach()) & (first_bad < 0), self.step, first_bad)
                 interval_loss += loss.detach().double()
             interval_steps += 1
-            if interval_steps == cfg.log_every or i + 1 == self.steps_per_epoch:
-                # One host sync per interval: the interval's mean loss over ranks, and the
-                # earliest non-finite step (often enough to stop a diverged run early).
-                loss_sum = dist.all_sum(interval_loss.reshape(1))
-                earliest = dist.all_min(torch.where(first_bad < 0, NO_STEP, first_bad).reshape(1))
-                loss_sum, earliest = torch.cat([loss_sum, earliest.double()]).tolist()
-                mean = loss_sum / (interval_steps * dist.world_size)
-                step_rows.append({"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 6),
-                                  "loss": mean if math.isfinite(mean) else None, "lr": lr,
-                                  "steps": interval_steps})
-                if self.on_step_row is not None:
-                    self.on_step_row(step_rows[-1])
-                interval_loss.zero_()
+            if interval_steps == cfg.log_every or i + 1 == last:
+                row, diverged_at = self._end_interval(interval_loss, interval_steps, first_bad, lr)
+                step_rows.append(row)
                 interval_steps = 0
-                if int(earliest) != NO_STEP:
-                    diverged_at = int(earliest)
+                if diverged_at is not None:
                     break
-            progress.update(1)
+            self.progress.update(1)
         seconds = time.perf_counter() - start
         count_t = torch.full((1,), float(count), device=self.device, dtype=torch.float64)
         loss_sum, correct, count = dist.all_sum(torch.cat([totals, count_t])).tolist()
-        return {
-            "train_loss": loss_sum / max(count, 1),
-            "train_acc": correct / max(count, 1),
-            "epoch_time_s": seconds,
-            "images_per_s": count / seconds if seconds > 0 else 0.0,
-            "diverged_at_step": diverged_at,
-            "steps": step_rows,
-        }
+        return EpochStats(train_loss=loss_sum / max(count, 1), train_acc=correct / max(count, 1), seconds=seconds,
+                          images=int(count), steps=self.step - first_step, step_rows=step_rows,
+                          diverged_at=diverged_at)
+
+    def _end_interval(self, interval_loss: torch.Tensor, interval_steps: int, first_bad: torch.Tensor,
+                      lr: float) -> tuple[dict[str, Any], int | None]:
+        """The steps.jsonl row of the interval that ends at this step, and the earliest step of the
+        run whose loss was not finite on any rank (None: none yet).  One host sync for both,
+        which also tells a diverged run early; ``interval_loss`` is reset for the next interval."""
+        dist = self.dist
+        loss_sum = dist.all_sum(interval_loss.reshape(1))
+        earliest = dist.all_min(torch.where(first_bad < 0, NO_STEP, first_bad).reshape(1))
+        loss_sum, earliest = torch.cat([loss_sum, earliest.double()]).tolist()
+        mean = loss_sum / (interval_steps * dist.world_size)
+        row = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 6),
+               "loss": mean if math.isfinite(mean) else None, "lr": lr, "steps": interval_steps}
+        if self.tb is not None:
+            self.tb.step_row(row)
+        interval_loss.zero_()
+        return row, None if int(earliest) == NO_STEP else int(earliest)
 
     def evaluate(self) -> dict[str, float]:
         """``eval_loss`` and ``eval_acc`` on the eval split, summed over every rank."""
@@ -495,6 +499,88 @@ class Trainer:
         result = evaluate_model(self.model, self.data, self.cfg.eval_batch_size, channels_last=self.channels_last,
                                 precision=self.cfg.precision, dist=self.dist)
         return {"eval_loss": result.loss, "eval_acc": result.acc}
+
+
+    # -- the records (rank 0 writes them) --
+
+    @contextmanager
+    def _session(self) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+        """This session's records, opened: config.yaml written, the rows an earlier session wrote
+        past the checkpoint dropped (their epoch is about to be redone) and, with
+        ``--tensorboard``, the event writer opened.  Yields the metrics and steps rows kept
+        (none on ranks other than 0).  The writer is flushed and closed however the session ends."""
+        self.dist.barrier()  # every rank has checked the run directory before rank 0 writes into it
+        metrics: list[dict[str, Any]] = []
+        steps: list[dict[str, Any]] = []
+        if self.dist.is_main:
+            self.run_dir.write_config(self.cfg, self.layout)
+            metrics, steps = self.run_dir.keep_records_until(self.epoch, self.step)
+            if self.cfg.tensorboard:
+                # Points an earlier session wrote past the checkpoint are dropped by TensorBoard.
+                self.tb = TensorBoardLog(self.run_dir.tb_dir, purge_step=self.step + 1)
+                if self.tb.fresh:  # a resume turning --tensorboard on: the curves start with the records
+                    self.tb.backfill(steps, metrics)
+        try:
+            yield metrics, steps
+        finally:
+            if self.tb is not None:
+                self.tb.close()
+                self.tb = None
+
+    def _record_steps(self, rows: list[dict[str, Any]]) -> None:
+        if self.dist.is_main:
+            self.run_dir.append_steps(*rows)
+
+    def _record_epoch(self, row: dict[str, Any]) -> None:
+        """The checkpoint after an epoch and the epoch's metrics row (and TensorBoard points)."""
+        rng_states = self.gather_rng_states()  # a collective: every rank takes part
+        if self.dist.is_main:
+            self.run_dir.save_checkpoint(self.state_dict(rng_states))
+            self.run_dir.append_metrics(row)
+            if self.tb is not None:
+                self.tb.epoch_row(row)
+
+    def _end(self, summary: dict[str, Any], metrics: list[dict[str, Any]], steps: list[dict[str, Any]]) -> Run:
+        """Write the summary of a run that has ended and return its record."""
+        if summary["status"] == "failed" and self.dist.world_size > 1:
+            # The other ranks may be blocked in a collective this rank will never join, and
+            # rank 0 may be one of them: the failing rank records the failure itself.
+            summary["failed_rank"] = self.dist.rank
+            self.run_dir.write_summary(summary)
+            self.dist.abort()
+            raise RunFailed(f"rank {self.dist.rank}: {summary['error']}")
+        if self.dist.is_main:
+            self.run_dir.write_summary(summary)
+        if self.tb is not None and summary["status"] != "failed":
+            self.tb.run_end(self.cfg, summary["status"], summary["final_eval_acc"], self.epoch)
+        return Run(path=self.run_dir.path, config=self.cfg, summary=summary, metrics=metrics, steps=steps,
+                   channels_last=self.channels_last)
+
+    def _summary(self, status: str, rows: list[dict[str, Any]], wall_time_s: float) -> dict[str, Any]:
+        """The run's record.  ``best_eval_acc`` exists only for a validation split: the best
+        epoch on the test split is a choice made by looking at the test set."""
+        data, device = self.data, self.device
+        validation = data.eval_split == "val"
+        return {
+            "status": status,
+            "epochs_completed": self.epoch,
+            "epochs": self.cfg.epochs,
+            "final_eval_acc": rows[-1]["eval_acc"] if rows else None,
+            "best_eval_acc": max((r["eval_acc"] for r in rows), default=None) if validation else None,
+            "best_epoch": (max(rows, key=lambda r: r["eval_acc"])["epoch"] if rows else None) if validation else None,
+            "final_train_loss": rows[-1]["train_loss"] if rows else None,
+            "eval_split": data.eval_split,
+            "num_train": data.num_train,
+            "num_eval": data.num_eval,
+            "wall_time_s": wall_time_s,
+            "train_images_per_s": self.train_images / self.train_seconds if self.train_seconds > 0 else None,
+            "first_step_loss": self.first_step_loss,
+            "num_params": self.num_params,
+            "channels_last": self.channels_last,
+            **self.layout,
+            "device": str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})",
+            "versions": versions(),
+        }
 
 
 # --- evaluation ------------------------------------------------------------------------
@@ -590,7 +676,7 @@ class _Resume:
     finished: dict[str, Any] | None = None  # the summary of a run that has nothing left to do
 
 
-def _prepare_out(cfg: TrainConfig, out: Path) -> _Resume:
+def _prepare_out(cfg: TrainConfig, run_dir: RunDir) -> _Resume:
     """Check the run directory; with ``--resume``, what to continue from.
 
     A resume may change only what :func:`reslab.config.resume_conflicts` allows
@@ -599,21 +685,24 @@ def _prepare_out(cfg: TrainConfig, out: Path) -> _Resume:
     directory would then hold numbers of a run other than the one its
     config.yaml names.
     """
-    checkpoint = out / CHECKPOINT_FILE
+    out, checkpoint = run_dir.path, run_dir.file(CHECKPOINT_FILE)
     if not cfg.resume:
-        if out.exists() and any(out.iterdir()):
-            raise SpecError(f"--out {str(out)!r} already holds files; pass --resume to continue that run or choose another --out")
+        if run_dir.holds_files():
+            raise SpecError(f"--out {str(out)!r} already holds files; pass --resume to continue that run "
+                            "or choose another --out")
         return _Resume()
-    if not checkpoint.is_file():
-        if (out / CONFIG_FILE).is_file():
+    if not run_dir.has_checkpoint():
+        if run_dir.is_run():
             return _Resume()  # started, but killed before its first checkpoint: start over in place
-        raise SpecError(f"--resume: {str(out)!r} holds no run to resume (no {CHECKPOINT_FILE}); drop --resume to start one")
+        raise SpecError(f"--resume: {str(out)!r} holds no run to resume (no {CHECKPOINT_FILE}); "
+                        "drop --resume to start one")
     try:
-        state = read_checkpoint(out)
+        state = run_dir.read_checkpoint()
         saved = config_from_dict({k: v for k, v in state["config"].items() if k not in ("out", "resume")})
     except Exception as exc:  # a torn or foreign file
         reason = exc.reason if isinstance(exc, UnreadableRecord) else type(exc).__name__
-        raise SpecError(f"--resume: checkpoint {str(checkpoint)!r} is corrupted or not a reslab checkpoint ({reason})") from None
+        raise SpecError(f"--resume: checkpoint {str(checkpoint)!r} is corrupted or not a reslab checkpoint "
+                        f"({reason})") from None
     conflicts = resume_conflicts(saved, cfg)
     if conflicts:
         allowed = ", ".join(f"--{n.replace('_', '-')}" for n in EXECUTION_FIELDS if n not in ("out", "resume"))
@@ -621,14 +710,15 @@ def _prepare_out(cfg: TrainConfig, out: Path) -> _Resume:
             f"; --epochs may change only under a schedule that does not depend on it (constant, step, "
             f"multistep at epoch numbers), not {saved.schedule!r}")
         raise SpecError(
-            f"--resume: the run in {str(out)!r} was trained with other settings ({describe_differences(saved, cfg, conflicts)}); "
+            f"--resume: the run in {str(out)!r} was trained with other settings "
+            f"({describe_differences(saved, cfg, conflicts)}); "
             f"a resume may change only {allowed}{epochs_note}; use another --out to train these settings"
         )
     epoch = int(state.get("epoch", 0))
     if cfg.epochs < epoch:
         raise SpecError(f"--resume: --epochs {cfg.epochs} is below the {epoch} epochs the run in {str(out)!r} "
                         f"has already trained; pass --epochs {epoch} or more")
-    summary = read_summary(out)
+    summary = run_dir.read_summary()
     if summary is not None and (summary.get("status") == "diverged"
                                 or (summary.get("status") == "completed" and cfg.epochs == epoch)):
         return _Resume(finished=summary)  # nothing left to do: its record stays exactly as it is
@@ -642,37 +732,16 @@ def _check_writable(out: Path) -> None:
         raise SpecError(f"--out {str(out)!r} is not writable: {problem}")
 
 
-def check_world_size(cfg: TrainConfig, dist: Dist) -> None:
-    """Both batch sizes split evenly over the ranks, or the run is refused before any work."""
-    for name in ("batch_size", "eval_batch_size"):
-        value = getattr(cfg, name)
-        if value % dist.world_size:
-            fits = value + dist.world_size - value % dist.world_size
-            raise SpecError(
-                f"--{name.replace('_', '-')} {value} is a global batch and must divide evenly over the "
-                f"{dist.world_size} processes of this torchrun job; e.g. --{name.replace('_', '-')} {fits}"
-            )
-
-
-def _abort_group() -> None:
-    """Tear the process group down without waiting for peers (they may be stuck in a collective)."""
-    try:
-        from torch.distributed.distributed_c10d import _abort_process_group
-
-        _abort_process_group()
-    except Exception:  # noqa: BLE001 - an older torch, or a group already gone: exiting is enough
-        pass
-
-
-def train(config: TrainConfig | dict[str, Any], dist: Dist | None = None, *, progress: str | None = None) -> RunResult:
-    """Run ``config`` to the end; bad input raises SpecError before anything is written.
+def train(config: TrainConfig | dict[str, Any], dist: Dist | None = None, *, progress: str | None = None) -> Run:
+    """Run ``config`` to the end and return its record (a :class:`reslab.rundir.Run`: ``status``,
+    ``summary``, ``metrics``, ``steps``, ``out``); bad input raises SpecError before anything is written.
 
     ``progress`` overrides how this call shows its progress (``cfg.progress``'s choices)
     without changing the config the run records: a sweep shows one bar for all its runs.
 
-    Under torchrun, a rank whose run breaks records the failure, aborts the process
-    group and raises :class:`RunFailed`, so its exit ends the job at once instead
-    of leaving the other ranks blocked in a collective until the timeout.
+    Under torchrun, a rank whose run breaks records the failure, aborts the process group
+    and raises :class:`RunFailed` (:meth:`Trainer.fit`), so its exit ends the job at once
+    instead of leaving the other ranks blocked in a collective until the timeout.
     """
     cfg = config if isinstance(config, TrainConfig) else config_from_dict(config)
     if progress is not None and progress not in PROGRESS:
@@ -680,150 +749,31 @@ def train(config: TrainConfig | dict[str, Any], dist: Dist | None = None, *, pro
     dist = dist or Dist.from_env()
     check_config(cfg)
     check_world_size(cfg, dist)
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and dist.world_size > 1:
-        device = torch.device("cuda", dist.local_rank)  # one GPU per process
-        torch.cuda.set_device(device)
-    created_group = dist.init(device)
-    try:
+    device = dist.device_for(resolve_device(cfg.device))
+    with dist.process_group(device):
         return _train(cfg, dist, device, progress or cfg.progress)
-    except RunFailed:
-        created_group = False  # aborted already
-        raise
-    finally:
-        if created_group:
-            torch.distributed.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, dist: Dist, device: torch.device, progress_mode: str) -> RunResult:
+def _train(cfg: TrainConfig, dist: Dist, device: torch.device, progress: str) -> Run:
+    """Check the run directory (and find what to resume from), build the Trainer, and fit it."""
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     if cfg.out is None:
         cfg = config_from_dict({"out": str(out)}, cfg)
-    resume = _prepare_out(cfg, out)
+    run_dir = RunDir(out)
+    resume = _prepare_out(cfg, run_dir)
     if resume.finished is not None:
         log.info("%s: the run has finished (%s); nothing to do", out, resume.finished.get("status"))
-        return RunResult(out=out, status=str(resume.finished.get("status")), summary=resume.finished)
+        return Run(path=out, config=cfg, summary=resume.finished, metrics=run_dir.read_metrics(),
+                   steps=run_dir.read_steps(), channels_last=bool(resume.finished.get("channels_last")))
     _check_writable(out)
     trainer = Trainer(cfg, out, device, dist)  # loads data, builds the model: may still raise SpecError
     if resume.state is not None:
         try:
             trainer.load_state_dict(resume.state)
         except (KeyError, RuntimeError, ValueError) as exc:
-            raise SpecError(f"--resume: checkpoint in {str(out)!r} does not fit this config ({type(exc).__name__})") from None
-
-    record = {"world_size": dist.world_size, "per_device_batch": cfg.batch_size // dist.world_size}
-    dist.barrier()  # every rank has checked the run directory before rank 0 writes into it
-    tb: TensorBoardLog | None = None
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / CONFIG_FILE, cfg.to_yaml() + "".join(f"# {k}: {v}\n" for k, v in record.items()))
-        # Metrics past the checkpoint belong to an epoch that is about to be redone.
-        rows = [r for r in read_jsonl(out / METRICS_FILE) if r.get("epoch", 0) <= trainer.epoch]
-        rewrite_jsonl(out / METRICS_FILE, rows)
-        step_rows = [r for r in read_jsonl(out / STEPS_FILE) if r.get("step", 0) <= trainer.step]
-        rewrite_jsonl(out / STEPS_FILE, step_rows)
-        if cfg.tensorboard:
-            # Points an earlier session wrote past the checkpoint are dropped by TensorBoard.
-            tb = TensorBoardLog(out / TB_DIR, purge_step=trainer.step + 1)
-            if tb.fresh:  # a resume turning --tensorboard on: the curves start with the records
-                tb.backfill(step_rows, rows)
-            trainer.on_step_row = tb.step_row
-    else:
-        rows = []
-    try:
-        return _run_epochs(cfg, dist, device, trainer, out, rows, record, progress_mode, tb)
-    finally:
-        if tb is not None:
-            tb.close()
-
-
-def _run_epochs(cfg: TrainConfig, dist: Dist, device: torch.device, trainer: Trainer, out: Path,
-                rows: list[dict[str, Any]], record: dict[str, Any], progress_mode: str,
-                tb: TensorBoardLog | None) -> RunResult:
-    """Train from ``trainer``'s state up to ``cfg.epochs`` and record how the run ended."""
-    progress = _Progress(progress_mode, trainer.steps_per_epoch * (cfg.epochs - trainer.epoch), dist.is_main)
-    status, diverged_at, error = "completed", None, None
-    started = time.perf_counter()
-    wall_before = trainer.wall_time_s  # earlier sessions of this run, up to its checkpoint
-    try:
-        while trainer.epoch < cfg.epochs:
-            progress.start_epoch(trainer.epoch + 1, cfg.epochs)
-            lr = trainer.optimizer.param_groups[0]["lr"]
-            stats = trainer.train_epoch(progress)
-            diverged_at = stats.pop("diverged_at_step")
-            step_rows = stats.pop("steps")
-            if dist.is_main and step_rows:
-                append_jsonl(out / STEPS_FILE, *step_rows)
-            if diverged_at is not None:
-                status = "diverged"
-                log.warning("loss is not finite at step %d (epoch %d): run diverged", diverged_at, trainer.epoch + 1)
-                break
-            trainer.epoch += 1
-            row = {"epoch": trainer.epoch, **{k: stats[k] for k in ("train_loss", "train_acc")},
-                   **trainer.evaluate(), "lr": lr, "epoch_time_s": stats["epoch_time_s"],
-                   "images_per_s": stats["images_per_s"]}
-            trainer.train_seconds += stats["epoch_time_s"]
-            trainer.train_images += stats["images_per_s"] * stats["epoch_time_s"]
-            trainer.wall_time_s = wall_before + time.perf_counter() - started
-            rng_states = trainer.gather_rng_states()  # a collective: every rank takes part
-            if dist.is_main:
-                atomic_torch_save(out / CHECKPOINT_FILE, trainer.state_dict(rng_states))
-                append_jsonl(out / METRICS_FILE, row)
-                if tb is not None:
-                    tb.epoch_row(row)
-            rows.append(row)
-            progress.end_epoch(row, cfg.epochs)
-    except (SpecError, KeyboardInterrupt):
-        raise
-    except Exception as exc:  # noqa: BLE001 - a run that breaks is recorded, not a traceback
-        status, error = "failed", f"{type(exc).__name__}: {exc}"
-        log.error("run failed%s: %s", f" on rank {dist.rank}" if dist.world_size > 1 else "", error)
-    finally:
-        progress.close()
-    summary = _summary(cfg, trainer, rows, status, wall_before + time.perf_counter() - started, record, device)
-    if diverged_at is not None:
-        summary["diverged_at_step"] = diverged_at
-    if error is not None:
-        summary["error"] = error
-    if status == "failed" and dist.world_size > 1:
-        # The other ranks may be blocked in a collective this rank will never join, and
-        # rank 0 may be one of them: the failing rank records the failure itself.
-        summary["failed_rank"] = dist.rank
-        atomic_write_json(out / SUMMARY_FILE, summary)
-        _abort_group()
-        raise RunFailed(f"rank {dist.rank}: {error}")
-    if dist.is_main:
-        atomic_write_json(out / SUMMARY_FILE, summary)
-    if tb is not None and status != "failed":
-        tb.run_end(cfg, status, summary["final_eval_acc"], trainer.epoch)
-    return RunResult(out=out, status=status, summary=summary)
-
-
-def _summary(cfg: TrainConfig, trainer: Trainer, rows: list[dict[str, Any]], status: str, wall_time_s: float,
-             record: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The run's record.  ``best_eval_acc`` exists only for a validation split: the best
-    epoch on the test split is a choice made by looking at the test set."""
-    validation = trainer.data.eval_split == "val"
-    return {
-        "status": status,
-        "epochs_completed": trainer.epoch,
-        "epochs": cfg.epochs,
-        "final_eval_acc": rows[-1]["eval_acc"] if rows else None,
-        "best_eval_acc": max((r["eval_acc"] for r in rows), default=None) if validation else None,
-        "best_epoch": (max(rows, key=lambda r: r["eval_acc"])["epoch"] if rows else None) if validation else None,
-        "final_train_loss": rows[-1]["train_loss"] if rows else None,
-        "eval_split": trainer.data.eval_split,
-        "num_train": trainer.data.num_train,
-        "num_eval": trainer.data.num_eval,
-        "wall_time_s": wall_time_s,
-        "train_images_per_s": trainer.train_images / trainer.train_seconds if trainer.train_seconds > 0 else None,
-        "first_step_loss": trainer.first_step_loss,
-        "num_params": trainer.num_params,
-        "channels_last": trainer.channels_last,
-        **record,
-        "device": str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})",
-        "versions": versions(),
-    }
+            raise SpecError(f"--resume: checkpoint in {str(out)!r} does not fit this config "
+                            f"({type(exc).__name__})") from None
+    return trainer.fit(progress)
 
 
 def config_fields() -> list[str]:
