@@ -12,10 +12,16 @@ from torch import nn
 
 from reslab.errors import SpecError
 from reslab.inits import (
-    InitPolicy, InitRow, init_entry, init_names, init_weights, list_inits, parse_policy,
+    InitPolicy,
+    InitRow,
+    init_entry,
+    init_names,
+    init_weights,
+    list_inits,
+    model_init_names,
+    parse_policy,
 )
 from reslab.norms import make_norm
-from reslab.inits import model_init_names
 
 # Big enough that a sample std is within ~0.2% of the true one.
 CONV_SHAPE = (128, 256, 3)       # Conv2d(128, 256, 3): fan_in 1152, fan_out 2304
@@ -104,8 +110,8 @@ def truncated_normal_std(mean: float, std: float, a: float, b: float, steps: int
     xs = [a + (i + 0.5) * h for i in range(steps)]
     ws = [math.exp(-0.5 * ((x - mean) / std) ** 2) for x in xs]
     mass = sum(ws)
-    mu = sum(w * x for w, x in zip(ws, xs)) / mass
-    return math.sqrt(sum(w * (x - mu) ** 2 for w, x in zip(ws, xs)) / mass)
+    mu = sum(w * x for w, x in zip(ws, xs, strict=True)) / mass
+    return math.sqrt(sum(w * (x - mu) ** 2 for w, x in zip(ws, xs, strict=True)) / mass)
 
 
 def reference_table(fan_in: int, fan_out: int, rows: int, cols: int) -> dict[str, tuple[str, float]]:
@@ -341,7 +347,7 @@ def test_generator_gives_reproducible_seeds():
     ra = init_weights(a, "xavier_uniform", generator=torch.Generator().manual_seed(3))
     rb = init_weights(b, "xavier_uniform", generator=torch.Generator().manual_seed(3))
     assert ra.seed == rb.seed is not None
-    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
     with pytest.raises(SpecError, match="not both"):
         init_weights(a, seed=1, generator=torch.Generator())
 
