@@ -450,6 +450,7 @@ def _python(script, *args, env=None):
                           text=True, timeout=300, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow  # a fresh interpreter: torch and matplotlib imported anew
 def test_plotting_leaves_the_matplotlib_backend_and_pyplot_alone(tmp_path):
     # A process (a notebook, a GUI) that chose its own backend keeps it after reslab draws:
     # svg stands in for any backend that is not Agg and needs no display.
@@ -478,6 +479,7 @@ def test_plotting_leaves_the_matplotlib_backend_and_pyplot_alone(tmp_path):
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.slow  # a fresh interpreter: torch and matplotlib imported anew
 def test_cli_logging_configures_only_the_reslab_logger(init_sweep):
     # Runs in a fresh interpreter: under pytest the root logger already has handlers,
     # which hides what logging.basicConfig would do to a real process.
