@@ -422,6 +422,18 @@ def test_a_browser_reads_the_same_tables_and_figures(init_sweep, tmp_path):
     assert dom.figures == page.figures and dom.headings == page.headings and dom.paragraphs == page.paragraphs
 
 
+def test_a_run_whose_config_cannot_be_read_is_skipped_with_a_warning(init_sweep, caplog):
+    (init_sweep / "broken").mkdir()
+    (init_sweep / "broken" / "config.yaml").write_text("model: [unclosed\n")
+    (init_sweep / "foreign").mkdir()
+    (init_sweep / "foreign" / "config.yaml").write_text("model: resnet50\ncolour: red\n")  # no reslab config
+    with caplog.at_level(logging.WARNING, logger="reslab.reporting"):
+        result = report(init_sweep)
+    assert f"skipping {init_sweep / 'broken'}: unreadable config.yaml" in caplog.text
+    assert f"skipping {init_sweep / 'foreign'}: unreadable config.yaml" in caplog.text
+    assert len(result.runs) == 6 and [g["n"] for g in result.groups] == [3, 3]  # the others, as before
+
+
 @pytest.mark.parametrize("setup, message", [
     (lambda d: None, "is not a directory"),
     (lambda d: d.mkdir(), "no runs in"),
