@@ -218,14 +218,13 @@ def test_every_norm_sees_the_same_weights_and_batch():
     """Combinations differ only in what they name: BN is scale invariant, so Kaiming and Xavier agree under it."""
     rows = signal_combos(plain("kaiming_normal,xavier_normal", "bn"))
     kaiming, xavier = rows[("bn", "kaiming_normal")], rows[("bn", "xavier_normal")]
-    for a, b in zip(kaiming, xavier):
+    for a, b in zip(kaiming, xavier, strict=True):
         assert a.act_std == pytest.approx(b.act_std, rel=1e-3)
 
 
-def test_a_real_dataset_batch_sets_the_input_shape():
-    spec = "synthetic:train=64,test=16,size=12,channels=1,classes=4"
-    rows = signal_propagation("mlp", "none", "kaiming_normal", dataset=spec, batch_size=16)
-    assert [r.name for r in rows] == ["hidden1", "hidden2"]  # mlp was built for 1x12x12 inputs
+def test_a_real_dataset_batch_sets_the_input_shape(synthetic):
+    rows = signal_propagation("mlp", "none", "kaiming_normal", dataset=synthetic, batch_size=16)
+    assert [r.name for r in rows] == ["hidden1", "hidden2"]  # mlp was built for the dataset's 1x8x8 inputs
     assert all(math.isfinite(r.grad_std) and r.grad_std > 0 for r in rows)
 
 
@@ -275,7 +274,7 @@ def test_signal_command_end_to_end(capsys, tmp_path):
 def test_csv_round_trips_the_rows():
     rows = plain("ones")  # inf and nan included
     parsed = list(csv.DictReader(signal_csv(rows).splitlines()))
-    for row, line in zip(rows, parsed):
+    for row, line in zip(rows, parsed, strict=True):
         for column in ("act_mean", "act_std", "act_sq_mean", "grad_std"):
             value = float(line[column])
             assert value == getattr(row, column) or (math.isnan(value) and math.isnan(getattr(row, column)))
@@ -303,8 +302,6 @@ def test_signal_command_bad_input_exits_2_and_writes_nothing(capsys, tmp_path, a
 
 
 def test_signal_and_inspect_outputs_that_cannot_be_written_are_one_line_before_any_work(capsys, tmp_path):
-    from reslab.cli import main
-
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     for argv in (["signal", "plain20", "--norm", "bn", "--batch-size", "4", "--out", str(blocker / "out")],
@@ -317,8 +314,6 @@ def test_signal_and_inspect_outputs_that_cannot_be_written_are_one_line_before_a
 
 
 def test_signal_default_folder_of_a_torchvision_model_has_no_colon(capsys, tmp_path, monkeypatch):
-    from reslab.cli import main
-
     monkeypatch.chdir(tmp_path)
     assert main(["signal", "tv:resnet18", "--batch-size", "2"]) == 0
     assert (tmp_path / "signal" / "tv_resnet18" / "signal.csv").is_file()
