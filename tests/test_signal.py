@@ -107,6 +107,7 @@ def test_moments_match_a_direct_computation():
 # --- theory: plain20, no norm ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_kaiming_keeps_the_second_moment_and_xavier_halves_it_per_layer():
     """He et al. 2015: Kaiming's per-layer rms ratio is ~1, Xavier's ~1/sqrt(2) on layers of constant width.
 
@@ -124,6 +125,7 @@ def test_kaiming_keeps_the_second_moment_and_xavier_halves_it_per_layer():
     assert in_xavier_band(xavier) and not in_kaiming_band(xavier), xavier
 
 
+@pytest.mark.slow
 def test_kaiming_keeps_the_last_layer_at_the_first_layers_scale():
     """Last over first second moment, geometric mean over 8 seeds: Kaiming 0.19, Xavier 3e-7.
 
@@ -184,7 +186,7 @@ def test_constant_init_gets_no_gradient_even_with_bn():
 # --- theory: BN -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("init", ["kaiming_normal", "xavier_normal", "ones"])
+@pytest.mark.parametrize("init", ["kaiming_normal", "xavier_normal", pytest.param("ones", marks=pytest.mark.slow)])
 def test_bn_makes_the_forward_scale_depth_independent(init):
     """BN feeds each ReLU a unit-variance pre-activation, so E[relu(z)^2] <= E[z^2] = 1 at every depth.
 
@@ -205,6 +207,7 @@ def test_bn_makes_the_forward_scale_depth_independent(init):
 # --- reproducibility and inputs -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_and_the_global_rng_is_untouched():
     state = torch.get_rng_state()
     first = signal_propagation("cifar_resnet20", "bn,none", "kaiming_normal", batch_size=4, seed=3)
@@ -241,6 +244,7 @@ def test_bad_input_is_a_spec_error(kwargs, message):
         signal_propagation("plain20", **{"norms": "none", "inits": "kaiming_normal", **kwargs})
 
 
+@pytest.mark.slow
 def test_table_shows_every_point_for_two_combos_and_a_summary_for_more():
     two = format_signal_table(plain("kaiming_normal,xavier_normal"))
     assert two.splitlines()[0].split() == list(SIGNAL_COLUMNS) and len(two.splitlines()) == 2 + 2 * 19
@@ -253,6 +257,7 @@ def test_table_shows_every_point_for_two_combos_and_a_summary_for_more():
 # --- the command line --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_signal_command_end_to_end(capsys, tmp_path):
     out = tmp_path / "sig"
     code = main(["signal", "cifar_resnet56", "--norm", "bn,gn,none", "--init", "kaiming_normal,xavier_normal",
@@ -313,6 +318,7 @@ def test_signal_and_inspect_outputs_that_cannot_be_written_are_one_line_before_a
     assert blocker.read_text() == ""
 
 
+@pytest.mark.slow
 def test_signal_default_folder_of_a_torchvision_model_has_no_colon(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["signal", "tv:resnet18", "--batch-size", "2"]) == 0
