@@ -54,7 +54,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 # --- small helpers ----------------------------------------------------------------
 
 
@@ -176,7 +175,8 @@ class BaselineSide:
                  mean: tuple[float, ...], std: tuple[float, ...], workers: int):
         import torchvision.transforms as T
 
-        from reslab import build_model, init_weights
+        from reslab.build import build, init_model
+        from reslab.config import TrainConfig
 
         self.device = device
         transform = T.Compose([
@@ -188,9 +188,10 @@ class BaselineSide:
         self.dataset = TutorialDataset(images_hwc, labels, transform)
         self.loader = torch.utils.data.DataLoader(self.dataset, batch_size=args.batch_size, shuffle=True,
                                                   num_workers=workers)
-        options = {"stem": args.stem} if args.stem else {}
-        model = build_model(args.model, num_classes=10, in_channels=3, norm=args.norm, input_size=32, **options)
-        init_weights(model, args.init, seed=args.seed)
+        # The same builder, options and init as the reslab side (fixup's residual branch included).
+        cfg = TrainConfig(model=args.model, norm=args.norm, init=args.init, stem=args.stem, seed=args.seed)
+        model = build(cfg, num_classes=10, in_channels=3, input_size=32)
+        init_model(model, cfg)
         self.model = model.to(device)
         self.criterion = nn.CrossEntropyLoss()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=0.9,

@@ -23,7 +23,7 @@ def synthetic() -> str:
     return SYNTHETIC
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_config():
     """``tiny_config(out=None, **overrides)``: a fresh config mapping for a one-epoch run on synthetic data.
 

@@ -5,7 +5,6 @@ import shutil
 
 import pytest
 import torch
-import yaml
 
 from conftest import TINY_RUN
 from reslab.config import TrainConfig
@@ -42,8 +41,14 @@ def runs(tmp_path_factory):
     return {"root": root, "ghost": _train(root / "ghost2", "bn:ghost=2"), "bn": _train(root / "bn", "bn")}
 
 
-def _config(run_dir):
-    return yaml.safe_load((run_dir / "config.yaml").read_text())
+def _read(run_dir):
+    run = Run.read(run_dir)
+    return run.config, run.summary
+
+
+def _run(path, status="completed", **fields):
+    """A run record as a sweep hands it over: its directory, config and status."""
+    return Run(path=path, config=TrainConfig(**fields), summary={"status": status})
 
 
 def test_one_row_per_bn_layer_in_forward_order(runs):
@@ -136,10 +141,10 @@ def test_small_groups_underestimate_the_variance_between_images():
 def test_measurement_groups_by_norm_and_batch_size(runs):
     root = runs["root"]
     entries = [
-        (runs["ghost"].relative_to(root), _config(runs["ghost"]), "completed"),  # relative: under study_dir
+        Run(runs["ghost"].relative_to(root), *_read(runs["ghost"])),  # relative: under study_dir
         Run.read(runs["bn"]),  # the run record reports and sweeps read
-        (root / "gn", {"norm": "gn", "batch_size": 32}, "completed"),  # not BatchNorm: never read
-        (root / "lost", {"norm": "bn", "batch_size": 32}, "diverged"),  # not completed: never read
+        _run(root / "gn", norm="gn", batch_size=32),  # not BatchNorm: never read
+        _run(root / "lost", "diverged", norm="bn", batch_size=32),  # not completed: never read
     ]
     result = bn_variance_measurement(root, entries)
     assert result["title"] == "BatchNorm running statistics against the population"
@@ -155,8 +160,8 @@ def test_measurement_groups_by_norm_and_batch_size(runs):
 
 
 def test_measurement_is_none_without_batchnorm(tmp_path):
-    entries = [(tmp_path / "a", {"norm": "gn", "batch_size": 8}, "completed"),
-               (tmp_path / "b", {"norm": "bn:ghost=2", "batch_size": 8}, "failed")]
+    entries = [_run(tmp_path / "a", norm="gn", batch_size=8),
+               _run(tmp_path / "b", "failed", norm="bn:ghost=2", batch_size=8)]
     assert bn_variance_measurement(tmp_path, entries) is None
     assert run_measurements(tmp_path, ["bn_running_var"], entries) == []
 
@@ -169,7 +174,7 @@ def test_batchnorm_specs():
 
 
 def test_run_measurements_and_unknown_name(runs):
-    entries = [(runs["ghost"], _config(runs["ghost"]), "completed")]
+    entries = [Run.read(runs["ghost"])]
     results = run_measurements(runs["root"], ["bn_running_var"], entries)
     assert len(results) == 1 and results[0]["rows"][0][:4] == ["bn:ghost=2", 32, 1, 3]
     assert set(MEASUREMENTS) == {"bn_running_var"}

@@ -43,7 +43,8 @@ _EXPORTS: dict[str, str | tuple[str, str]] = {
     "list_models": "models",
     "load_dataset": "datasets",
     "load_run": "evaluate",
-    "LoadedRun": "evaluate",
+    "Run": "rundir",
+    "LoadedRun": ("rundir", "Run"),  # the name load_run's result had before every run became a Run
     "evaluate_run": "evaluate",
     "list_datasets": "datasets",
 }

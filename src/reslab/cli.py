@@ -248,7 +248,11 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def _resolve_train(args: argparse.Namespace) -> dict[str, Any]:
-    return train_config_from_args(args).validate().to_dict()
+    from .build import check
+
+    cfg = train_config_from_args(args).validate()
+    check(cfg)  # the model, norm, conv and init specs, as `reslab train` checks them before it starts
+    return cfg.to_dict()
 
 
 @command("train", "train one model on one dataset into a run directory", add_config_flags, _resolve_train)

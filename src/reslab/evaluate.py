@@ -31,10 +31,6 @@ from .training import evaluate_model, resolve_device, run_dataset, uses_channels
 EVAL_SPLITS = ("test", "val", "train")
 
 
-# The name load_run's result had before reslab.rundir.Run was every part's record of a run.
-LoadedRun = Run
-
-
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     """Read the run directory ``path``: config, records, and the model as of its last checkpoint.
 

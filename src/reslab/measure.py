@@ -25,7 +25,7 @@ import logging
 import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +33,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .config import TrainConfig
 from .errors import SpecError, choices_error
 from .evaluate import _load_run, check_eval_split, split_data
-from .rundir import read_config, require_run_dir
+from .rundir import Run, read_config, require_run_dir
 from .training import resolve_device
 
 log = logging.getLogger(__name__)
@@ -48,7 +47,6 @@ BN_TITLE = "BatchNorm running statistics against the population"
 BN_HEADERS = ["norm", "batch_size", "runs", "layers", "median running/population var", "layers below 0.9",
               "median |mean shift| (std)"]
 
-_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 
 
 # --- per run --------------------------------------------------------------------------
@@ -214,20 +212,9 @@ def is_batchnorm(norm: Any) -> bool:
     return str(norm).split(":", 1)[0].strip() in BATCH_NORMS
 
 
-def _run_entry(entry: Any) -> tuple[Path, Any, Any, str]:
-    """``(path, norm, batch_size, status)`` of a run.
-
-    ``entry`` is a :class:`reslab.rundir.Run` (any object with ``path``, ``config``
-    and ``status``) or a ``(path, config, status)`` tuple; its config a TrainConfig,
-    or a mapping of TrainConfig's fields in which a field left out has its default.
-    """
-    path, config, status = entry if isinstance(entry, (tuple, list)) else (entry.path, entry.config, entry.status)
-    if isinstance(config, TrainConfig):
-        norm, batch_size = config.norm, config.batch_size
-    else:
-        config = config or {}
-        norm, batch_size = config.get("norm", _DEFAULTS["norm"]), config.get("batch_size", _DEFAULTS["batch_size"])
-    return Path(path), norm, batch_size, str(status)
+def _run_entry(run: Run) -> tuple[Path, Any, Any, str]:
+    """``(path, norm, batch_size, status)`` of a run record."""
+    return Path(run.path), run.config.norm, run.config.batch_size, run.status
 
 
 def _sig(value: float | None, digits: int = 3) -> float | None:
@@ -248,8 +235,7 @@ def bn_variance_measurement(study_dir: str | Path, runs: Iterable[Any], *, max_i
                             device: str = "cpu") -> dict[str, Any] | None:
     """BatchNorm's running variance against the population variance, per norm and batch size.
 
-    ``runs``: the study's runs, :class:`reslab.rundir.Run` records (or
-    ``(path, config, status)`` tuples, see :func:`_run_entry`); a relative path is
+    ``runs``: the study's runs, :class:`reslab.rundir.Run` records; a relative path is
     taken under ``study_dir``.  Every completed run whose
     ``norm`` builds BatchNorm layers (:func:`is_batchnorm`) is measured with
     :func:`bn_statistics` on its training images; a run that cannot be read is

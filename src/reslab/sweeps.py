@@ -552,8 +552,6 @@ def study(
 def _measure(planned: Any, result: SweepResult) -> None:
     """The study's measurements of its finished runs, into ``measurements.json`` for the report."""
     from .measure import run_measurements
-    from .rundir import read_config_mapping
     from .studies import MEASUREMENTS_FILE
 
-    runs = [(run.path, read_config_mapping(run.path), result.statuses.get(run.run_id)) for run in result.runs]
-    atomic_write_json(result.out / MEASUREMENTS_FILE, run_measurements(result.out, planned.measure, runs))
+    atomic_write_json(result.out / MEASUREMENTS_FILE, run_measurements(result.out, planned.measure, result.runs))
