@@ -81,36 +81,6 @@ def make_trainer(out: Path, **overrides):
     return Trainer(cfg, out, resolve_device(cfg.device))
 
 
-class _StopEpoch(Exception):
-    """Raised by :class:`StepLimit` to leave ``Trainer.train_epoch`` after a number of steps."""
-
-
-class StepLimit:
-    """The progress object ``Trainer.train_epoch`` calls ``update(1)`` on after every step.
-
-    Ends the epoch (by raising :class:`_StopEpoch`) after ``steps`` steps; ``on_step(done)``
-    runs after each step first.
-    """
-
-    def __init__(self, steps: int, on_step=None):
-        self.steps, self.on_step, self.done = steps, on_step, 0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.on_step is not None:
-            self.on_step(self.done)
-        if self.done >= self.steps:
-            raise _StopEpoch
-
-
-def run_steps(trainer, steps: int, on_step=None) -> None:
-    """``steps`` optimizer steps from the start of an epoch of ``trainer``."""
-    try:
-        trainer.train_epoch(StepLimit(steps, on_step))
-    except _StopEpoch:
-        pass
-
-
 def finite_run(out: Path) -> tuple[dict, list[float]]:
     """The summary and per-interval losses of a finished run; raises unless it completed with finite losses."""
     from reslab.rundir import read_steps, read_summary
@@ -175,7 +145,7 @@ def check_channels_last(tmp: Path) -> str:
         seen = []
         hook = first_conv.register_forward_pre_hook(
             lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
-        a, b = nhwc.train_epoch(StepLimit(10**9)), nchw.train_epoch(StepLimit(10**9))
+        a, b = nhwc.train_epoch(), nchw.train_epoch()
         hook.remove()
         not_nhwc = [n for n, w in conv_weights(nhwc.model)
                     if not (w.is_contiguous(memory_format=torch.channels_last)
@@ -184,7 +154,7 @@ def check_channels_last(tmp: Path) -> str:
             raise AssertionError(f"not channels_last in training: weights/grads {not_nhwc[:3]}, inputs {seen[:3]}")
         # Training: the same seed gives the same weights and batches, so the losses agree to rounding.
         # (Gradients at init are ill-conditioned - BatchNorm's backward cancels - so weights are not compared.)
-        la, lb = (torch.tensor([r["loss"] for r in s["steps"]]) for s in (a, b))
+        la, lb = (torch.tensor([row["loss"] for row in stats.step_rows]) for stats in (a, b))
         ea, eb = nhwc.evaluate(), nchw.evaluate()
         if not torch.allclose(la, lb, rtol=1e-3, atol=1e-4) or not math.isclose(ea["eval_loss"], eb["eval_loss"],
                                                                                rel_tol=1e-3):
@@ -205,26 +175,43 @@ def check_channels_last(tmp: Path) -> str:
         torch.backends.cudnn.allow_tf32 = cudnn_tf32
 
 
+class SyncWatch:
+    """Stands in for ``Trainer.progress``, whose ``update(1)`` the loop calls after every step: turns
+    ``torch.cuda.set_sync_debug_mode("error")`` on after the first step and off after ``watched`` more."""
+
+    def __init__(self, watched: int):
+        self.watched, self.done = watched, 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.done == 1:
+            torch.cuda.set_sync_debug_mode("error")
+        elif self.done == 1 + self.watched:
+            torch.cuda.set_sync_debug_mode("default")
+
+
 def check_no_step_sync(tmp: Path, watched: int = 5) -> str:
     trainer = make_trainer(tmp / "sync", precision="bf16", channels_last="on", log_every=1000,
                            dataset=SPEC32.format(n=BATCH * (watched + 4)))
     dtypes = set()
     first_conv = next(m for m in trainer.model.modules() if isinstance(m, nn.Conv2d))
     hook = first_conv.register_forward_hook(lambda m, args, output: dtypes.add(output.dtype))
-    run_steps(trainer, 3)  # warm-up: cuDNN autotuning, and step 1 reads the initial loss back (once per run)
-
-    def watch(done: int) -> None:  # steps 2.. of a fresh epoch: the epoch's start (its draws) is not watched
-        if done == 1:
-            torch.cuda.set_sync_debug_mode("error")
-
+    trainer.train_epoch(max_steps=3)  # warm-up: cuDNN autotuning, and step 1 reads the initial loss back (once)
+    # A fresh pass: its start (the epoch's draws) and its last step (the interval's record, which
+    # ends every pass) may sync; the steps in between, inside one log_every interval, must not.
+    saved, trainer.progress = trainer.progress, SyncWatch(watched)
     try:
-        run_steps(trainer, 1 + watched, watch)
+        trainer.train_epoch(max_steps=watched + 2)
     except RuntimeError as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AssertionError(f"host sync inside a logging interval{where(exc)}: {first_line}") from None
     finally:
         torch.cuda.set_sync_debug_mode("default")
+        trainer.progress, watch = saved, trainer.progress
         hook.remove()
+    if watch.done != watched + 2:
+        raise AssertionError(f"the loop reported {watch.done} of {watched + 2} steps to Trainer.progress: "
+                             "the watch did not cover the steps")
     if dtypes != {torch.bfloat16}:
         raise AssertionError(f"autocast bf16: the first conv computed in {sorted(map(str, dtypes))}")
     return f"{watched} bf16 steps (log_every 1000) under set_sync_debug_mode('error'); convs in bfloat16"
@@ -347,11 +334,11 @@ def measure_throughput(tmp: Path, images: int, rounds: int, workers: int) -> str
                         data.train_labels.cpu().tolist(), data.mean, data.std, workers, device)
 
     def reslab_epoch() -> int:
-        stats = reslab_side.train_epoch(StepLimit(10**9))
-        if stats["diverged_at_step"] is not None:
-            raise AssertionError(f"reslab run diverged at step {stats['diverged_at_step']}")
+        stats = reslab_side.train_epoch()
+        if stats.diverged_at is not None:
+            raise AssertionError(f"reslab run diverged at step {stats.diverged_at}")
         reslab_side.epoch += 1  # the next window is a new epoch (new shuffle), as in a real run
-        return data.num_train
+        return stats.images
 
     totals = {"reslab": [0.0, 0], "seed": [0.0, 0]}
     sides = {"reslab": reslab_epoch, "seed": seed.epoch}
