@@ -1,4 +1,4 @@
-"""Run every shipped study with its offline defaults in both memory layouts: wall time against its budget, and its verdict.
+"""Run every shipped study with its offline defaults in both memory layouts: wall time against budget, and verdict.
 
     python benchmarks/studies.py                    # every study, both layouts, into a temporary directory
     python benchmarks/studies.py --only inits,norms --layouts true --out studies-bench --jobs 2

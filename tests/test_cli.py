@@ -31,7 +31,7 @@ def test_list_shows_every_registry_entry(capsys, what, names):
         assert name in listed
     entries = _list_sources()[what]()
     assert listed == list(entries)  # every registered entry, once, in registry order
-    for line, (name, description) in zip(out.splitlines(), entries.items()):
+    for line, (name, description) in zip(out.splitlines(), entries.items(), strict=True):
         assert line.split(None, 1)[1] == description, name
 
 

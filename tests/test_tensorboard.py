@@ -73,8 +73,8 @@ def raw_events(path):
 
 def assert_same_curves(a, b):
     for tag in CURVES:
-        steps_a, values_a = zip(*points(a, tag))
-        steps_b, values_b = zip(*points(b, tag))
+        steps_a, values_a = zip(*points(a, tag), strict=True)
+        steps_b, values_b = zip(*points(b, tag), strict=True)
         assert steps_a == steps_b, tag
         assert values_a == pytest.approx(values_b, rel=1e-6), tag
 
