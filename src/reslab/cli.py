@@ -80,6 +80,7 @@ def _list_sources() -> dict[str, Callable[[], dict[str, str]]]:
     from .inits import list_inits
     from .models import list_models
     from .norms import list_norms
+    from .optim import list_optimizers, list_schedules
     from .studies import list_studies
 
     def models() -> dict[str, str]:
@@ -87,10 +88,12 @@ def _list_sources() -> dict[str, Callable[[], dict[str, str]]]:
                                             "lists them)"}
 
     return {"models": models, "norms": list_norms, "convs": list_convs, "inits": list_inits,
-            "datasets": list_datasets, "studies": list_studies}
+            "datasets": list_datasets, "schedules": list_schedules, "optimizers": list_optimizers,
+            "studies": list_studies}
 
 
-@command("list", "list the models, norms, conv options, init schemes, datasets or studies reslab knows",
+@command("list", "list the models, norms, conv options, init schemes, datasets, schedules, optimizers or studies "
+                 "reslab knows",
          _add_list_arguments)
 def run_list(args: argparse.Namespace) -> int:
     if args.all and args.what != "models":

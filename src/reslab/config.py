@@ -20,8 +20,9 @@ from typing import Any
 import yaml
 
 from .errors import SpecError, choices_error
+from .optim import optimizer_names, schedule_ignores_total
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = optimizer_names()  # sgd, adam, adamw (reslab.optim holds them)
 PRECISIONS = ("fp32", "bf16", "fp16")
 PROGRESS = ("auto", "bar", "log", "none")
 CHANNELS_LAST = ("auto", "on", "off")
@@ -66,7 +67,7 @@ class TrainConfig:
     # -- optimization --
     epochs: int = _f(10, "epochs to train (with --resume: train up to this many)")
     batch_size: int = _f(128, "global batch size (split across ranks under torchrun)")
-    optimizer: str = _f("sgd", "sgd, adam or adamw", choices=OPTIMIZERS)
+    optimizer: str = _f("sgd", ", ".join(OPTIMIZERS[:-1]) + f" or {OPTIMIZERS[-1]}", choices=OPTIMIZERS)
     lr: float = _f(0.1, "peak learning rate")
     lr_base_size: int | None = _f(None, "scale --lr linearly with the batch (Goyal et al. 2017): --lr is the rate "
                                         "for a batch of this size, the run uses lr * batch_size / lr_base_size")
@@ -157,11 +158,6 @@ class TrainConfig:
 # differ between a run directory's config.yaml and the config now asked for.
 EXECUTION_FIELDS = ("out", "resume", "progress", "device", "data_dir", "download", "eval_batch_size", "compile",
                     "channels_last", "tensorboard")
-# Schedules whose lr at a given epoch does not depend on the total number of epochs:
-# a resume may raise --epochs under them without bending the curve already trained.
-EPOCH_FREE_SCHEDULES = ("constant", "step")
-
-
 def normalized_init(value: Any) -> Any:
     """An init value in the one form that configs compare and save: a stripped string,
     or a mapping with only the keys given (null values dropped), in InitPolicy's key order
@@ -182,19 +178,12 @@ def differing_fields(saved: TrainConfig, requested: TrainConfig, ignore: tuple[s
 
 
 def epochs_may_change(cfg: TrainConfig) -> bool:
-    """True where the lr curve of the epochs already trained does not depend on ``epochs``."""
-    from .specs import parse_spec
-
-    spec = parse_spec(cfg.schedule, "schedule spec")
-    if spec.name in EPOCH_FREE_SCHEDULES:
-        return True
-    if spec.name == "multistep":  # milestones given as epoch numbers (>= 1), not fractions of the run
-        milestones = spec.kwargs.get("milestones", spec.positional[0] if spec.positional else "0.5/0.75")
-        try:
-            return all(float(m) >= 1 for m in milestones.split("/") if m.strip())
-        except ValueError:
-            return False
-    return False
+    """True where the lr curve of the epochs already trained does not depend on ``epochs``
+    (``constant``, ``step``, ``multistep`` at epoch numbers; :func:`reslab.optim.schedule_ignores_total`)."""
+    try:
+        return schedule_ignores_total(cfg.schedule)
+    except SpecError:
+        return False
 
 
 def resume_conflicts(saved: TrainConfig, requested: TrainConfig) -> list[str]:
