@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 import reslab
 from reslab.errors import SpecError

@@ -286,7 +286,7 @@ def test_convert_to_fused_norm_and_back(spec, cls):
     biases = [model[i].bias.detach().clone() for i in (1, 4)]
     model, report = convert_norms(model, spec)
     assert len(report) == 2 and all(row.copied == ("weight", "bias") for row in report)
-    for i, w, b in zip((1, 4), weights, biases):
+    for i, w, b in zip((1, 4), weights, biases, strict=True):
         assert type(model[i]) is cls and not norm_activates(model[i])  # the model's ReLU stays
         assert torch.equal(model[i].weight, w) and torch.equal(model[i].bias, b)
         assert isinstance(model[i + 1], nn.ReLU)
@@ -297,7 +297,7 @@ def test_convert_to_fused_norm_and_back(spec, cls):
 
     model, report = convert_norms(model, "gn:2")
     assert len(report) == 2 and report.counts == {cls.__name__: 2}
-    for i, w, b in zip((1, 4), weights, biases):
+    for i, w, b in zip((1, 4), weights, biases, strict=True):
         assert type(model[i]) is nn.GroupNorm and model[i].num_groups == 2
         assert torch.equal(model[i].weight, w) and torch.equal(model[i].bias, b)
 

@@ -47,6 +47,7 @@ from .norms import (
 )
 from .specs import Spec
 from .swap import find_layers, put_in, raise_failures
+from .tables import format_table
 
 # Tensors carried from the old layer to the new one, where both have them with the same shape.
 AFFINE = ("weight", "bias")
@@ -165,7 +166,8 @@ def _channels(module: nn.Module) -> int:
 
 
 def describe(module: nn.Module) -> str:
-    """A short description of a norm layer: class and channels, e.g. ``BatchNorm2d(64)``, ``GroupNorm(64, groups=4)``."""
+    """A short description of a norm layer: class and channels, e.g. ``BatchNorm2d(64)``,
+    ``GroupNorm(64, groups=4)``."""
     if isinstance(module, ChannelsLast):
         return f"ChannelsLast({describe(module.norm)})"
     if isinstance(module, nn.Identity):
@@ -244,7 +246,8 @@ class ConvertRow:
 class ConvertReport:
     spec: str
     rows: tuple[ConvertRow, ...]
-    skipped: tuple[tuple[str, str], ...] = ()  # (path, description) of norms over more than the channels, left as they are
+    # (path, description) of norms over more than the channels, left as they are
+    skipped: tuple[tuple[str, str], ...] = ()
 
     @property
     def counts(self) -> dict[str, int]:
@@ -270,11 +273,8 @@ class ConvertReport:
 
     def format_table(self) -> str:
         """An aligned text table, one line per converted layer, then one per skipped norm."""
-        header = ("path", "old", "new", "copied")
         cells = [(r.path, r.old, r.new, ", ".join(r.copied) or "-") for r in self.rows]
-        widths = [max(len(row[i]) for row in (header, *cells)) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in (header, *cells)]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = [format_table(("path", "old", "new", "copied"), cells, right=[False] * 4)]
         lines += [f"skipped {path}: {desc} normalizes over more than the channels" for path, desc in self.skipped]
         return "\n".join(lines)
 

@@ -173,7 +173,7 @@ def bind(spec: Spec, params: Mapping[str, Converter], what: str) -> dict[str, An
         raise SpecError(
             f"{label} takes {len(names)} argument(s) ({allowed}), got {len(spec.positional)} in {spec.text!r}"
         )
-    raw: dict[str, str] = dict(zip(names, spec.positional))
+    raw: dict[str, str] = dict(zip(names, spec.positional, strict=False))  # positional values fill the first names
     for key, value in spec.kwargs.items():
         if key not in params:
             allowed = ", ".join(names) if names else "none"

@@ -163,7 +163,7 @@ def mlp(*, num_classes, in_channels, input_size, hidden=(256, 128), dropout=0.2)
 
 @register_model(default_input=MNIST_INPUT)
 def simple_cnn(*, num_classes, in_channels, norm, input_size, width=16, hidden=100, head="flatten"):
-    """The seeds' CNN: 3 conv-norm-ReLU (16/32/64), 2 max-pools, flatten (or head=gap), 100-unit layer; inputs >= 4x4."""
+    """The seeds' CNN: 3 conv-norm-ReLU (16/32/64), 2 max-pools, flatten (or head=gap), 100-unit layer; input >= 4x4."""
     size = _size_pair(MNIST_INPUT[1] if input_size is None else input_size)
     if min(size) < SIMPLE_CNN_MIN_INPUT_SIZE:
         raise SpecError(f"simple_cnn needs inputs of at least {SIMPLE_CNN_MIN_INPUT_SIZE}x{SIMPLE_CNN_MIN_INPUT_SIZE}, "
