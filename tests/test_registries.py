@@ -49,9 +49,21 @@ def test_families_cover_the_registry():
     assert prefixes == covered
 
 
-@pytest.mark.parametrize("init", init_names())
-@pytest.mark.parametrize("norm", norm_names())
-@pytest.mark.parametrize("model_name", FAMILY_REPRESENTATIVES)
+# The fast subset (pytest -m "not slow") keeps the whole norm x init product on the two smallest
+# models, and on every other family each norm (with the default init) and each init (with bn);
+# the rest of the product, about 80% of this file's time on 2 CPU cores, is marked slow.
+FULL_PRODUCT_FAST = ("simple_cnn", "mlp")
+
+
+def _model_norm_init():
+    for model_name in FAMILY_REPRESENTATIVES:
+        for norm in norm_names():
+            for init in init_names():
+                fast = model_name in FULL_PRODUCT_FAST or init == "default" or norm == "bn"
+                yield pytest.param(model_name, norm, init, marks=() if fast else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("model_name, norm, init", list(_model_norm_init()))
 def test_model_norm_init_forward_backward(model_name, norm, init):
     x, size = _input(model_name)
     channels = x.shape[1]
@@ -122,7 +134,8 @@ EXPECTED_KINDS = {
 
 
 @pytest.mark.parametrize("conv", conv_names())
-@pytest.mark.parametrize("model_name", FAMILY_REPRESENTATIVES)
+@pytest.mark.parametrize("model_name", [pytest.param(m, marks=pytest.mark.slow) if m == "resnet50" else m
+                                        for m in FAMILY_REPRESENTATIVES])
 def test_every_model_takes_every_conv(model_name, conv):
     x, size = _input(model_name)
     model = build_model(model_name, num_classes=10, in_channels=x.shape[1], norm="gn", input_size=size, conv=conv)
