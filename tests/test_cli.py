@@ -131,6 +131,7 @@ def test_bad_config_keys_are_rejected(capsys, tmp_path):
     assert code == 2 and "'colour'" in err and "norm" in err
 
 
+@pytest.mark.slow
 def test_console_script_and_module_entry_points():
     for cmd in (["reslab"], [sys.executable, "-m", "reslab"]):
         done = subprocess.run([*cmd, "inspect", "resnet18", "--norm", "gn:5"], capture_output=True, text=True)
