@@ -165,6 +165,7 @@ def test_nf_block_matches_the_papers_forward():
     torch.testing.assert_close(block(x), shortcut + 0.3 * out)
 
 
+@pytest.mark.slow
 def test_signal_is_flat_with_depth_for_the_normfree_recipes_and_grows_for_he():
     rows = reslab.signal("cifar_resnet56", norms="none", inits="kaiming_normal,fixup,skipinit,nf", batch_size=32)
     by = {}
