@@ -186,7 +186,7 @@ def test_constant_init_gets_no_gradient_even_with_bn():
 # --- theory: BN -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("init", ["kaiming_normal", "xavier_normal", pytest.param("ones", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("init", ["kaiming_normal", "xavier_normal", "ones"])
 def test_bn_makes_the_forward_scale_depth_independent(init):
     """BN feeds each ReLU a unit-variance pre-activation, so E[relu(z)^2] <= E[z^2] = 1 at every depth.
 
@@ -207,7 +207,6 @@ def test_bn_makes_the_forward_scale_depth_independent(init):
 # --- reproducibility and inputs -------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_same_seed_same_numbers_and_the_global_rng_is_untouched():
     state = torch.get_rng_state()
     first = signal_propagation("cifar_resnet20", "bn,none", "kaiming_normal", batch_size=4, seed=3)
@@ -244,7 +243,6 @@ def test_bad_input_is_a_spec_error(kwargs, message):
         signal_propagation("plain20", **{"norms": "none", "inits": "kaiming_normal", **kwargs})
 
 
-@pytest.mark.slow
 def test_table_shows_every_point_for_two_combos_and_a_summary_for_more():
     two = format_signal_table(plain("kaiming_normal,xavier_normal"))
     assert two.splitlines()[0].split() == list(SIGNAL_COLUMNS) and len(two.splitlines()) == 2 + 2 * 19
