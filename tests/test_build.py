@@ -18,6 +18,7 @@ def _count(model_name, **options):
     return count_params(reslab.build_model(model_name, num_classes=4, in_channels=1, **options))
 
 
+@pytest.mark.slow
 def test_train_takes_model_options_and_load_run_rebuilds_them(tmp_path, synthetic, capsys):
     out = tmp_path / "narrow"
     code = main(["train", "--model", "cifar_resnet20", "-o", "width=8", "--dataset", synthetic, "--epochs", "1",
@@ -64,6 +65,7 @@ def test_inspect_builds_what_the_flags_say(capsys):
     assert "layer1.0.bn2.weight" in out and "zeros (zero_init_residual)" in out
 
 
+@pytest.mark.slow
 def test_signal_takes_the_model_flags(tmp_path, capsys):
     code = main(["signal", "cifar_resnet20", "-o", "width=8", "--shortcut", "B", "--norm", "bn", "--init",
                  "kaiming_normal", "--batch-size", "4", "--out", str(tmp_path / "sig")])
@@ -88,6 +90,7 @@ def test_bad_model_options_are_one_line_and_write_nothing(tmp_path, synthetic, c
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_sweep_applies_model_options_to_every_run(tmp_path, synthetic, capsys):
     code = main(["sweep", "--model", "cifar_resnet20", "-o", "width=4", "--norm", "bn,gn", "--dataset", synthetic,
                  "--epochs", "1", "--batch-size", "32", "--device", "cpu", "--progress", "none",

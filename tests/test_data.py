@@ -64,6 +64,7 @@ def test_data_dir_defaults_to_env_var(monkeypatch, tmp_path):
 # --- offline datasets ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_mnist5k_loads_offline_and_caches(tmp_path):
     ds = load_dataset("mnist5k", data_dir=tmp_path)
     assert ds.num_train + ds.num_eval == 5000

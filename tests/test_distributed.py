@@ -51,6 +51,7 @@ def test_a_global_batch_that_does_not_split_over_the_ranks_names_one_that_does()
         check_world_size(TrainConfig(batch_size=32, eval_batch_size=33), Dist(world_size=2))
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     done = torchrun("train", *GN_RUN, "--out", str(ddp))
@@ -73,6 +74,7 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
     assert abs(rows(ddp)[0]["train_loss"] - rows(single)[0]["train_loss"]) < 1e-2
 
 
+@pytest.mark.slow
 def test_resume_under_torchrun_equals_an_uninterrupted_run(tmp_path):
     """1 epoch, then --resume to 2, under torchrun: the same metrics and weights as 2 straight.
 
@@ -100,6 +102,7 @@ def test_resume_under_torchrun_equals_an_uninterrupted_run(tmp_path):
     assert json.loads((resumed / "summary.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_sync_bn_is_refused_on_cpu_under_torchrun(tmp_path):
     # torchrun's agent ends the other ranks once one has exited: polling every second (not 0.1 s) lets the
     # second rank, which reaches the same check a moment later, print its line first
@@ -113,6 +116,7 @@ def test_sync_bn_is_refused_on_cpu_under_torchrun(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("srun") is not None, reason="on a Slurm cluster this would submit real jobs")
 def test_submitit_launcher_runs_a_two_run_sweep_locally(capsys, tmp_path):
     pytest.importorskip("submitit")

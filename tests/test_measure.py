@@ -51,6 +51,7 @@ def _run(path, status="completed", **fields):
     return Run(path=path, config=TrainConfig(**fields), summary={"status": status})
 
 
+@pytest.mark.slow
 def test_one_row_per_bn_layer_in_forward_order(runs):
     rows = bn_statistics(runs["ghost"])
     assert [(r["layer"], r["channels"]) for r in rows] == BN_LAYERS

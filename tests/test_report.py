@@ -230,6 +230,7 @@ def test_groups_by_every_varied_field_numbers_in_numeric_order(tmp_path):
     assert not set(NEVER_GROUP) & set(rows[0])
 
 
+@pytest.mark.slow
 def test_group_by_overrides_and_nothing_varied_is_one_group(init_sweep, tmp_path):
     pooled = report(init_sweep, group_by=[])
     assert pooled.fields == [] and len(pooled.groups) == 1 and pooled.groups[0]["n"] == 6
@@ -273,6 +274,7 @@ def _headers(result, root):
     return [c.strip() for c in table if c.strip()], md, read_page(root / "report.html").table("summary")["headers"]
 
 
+@pytest.mark.slow
 def test_best_epoch_accuracy_only_for_a_validation_split(tmp_path):
     # Each run's best epoch (0.95, 0.97) beats its final one (0.90, 0.92): on the test split
     # that best number is selection on the test set and must appear nowhere.
@@ -332,6 +334,7 @@ def test_plots_are_pngs_of_sensible_size(init_sweep):
     assert not list(init_sweep.glob(".*"))  # no temp files left behind by the atomic writes
 
 
+@pytest.mark.slow
 def test_many_groups_give_wider_figures(tmp_path):
     for i, init in enumerate(["zeros", "ones", "uniform", "normal", "xavier_uniform", "xavier_normal",
                               "kaiming_uniform", "kaiming_normal", "orthogonal", "default"]):
@@ -370,6 +373,7 @@ def _same_report(page, md):
     return [name for _, name in shown]
 
 
+@pytest.mark.slow
 def test_the_page_shows_every_table_and_every_figure(init_sweep):
     (init_sweep / "measurements.json").write_text(json.dumps(MEASUREMENTS))
     result = report(init_sweep)

@@ -49,6 +49,7 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_a_study_directory_is_named_by_its_study(study_dir, tmp_path):
     result = report(study_dir)
     assert result.study == "norms-tiny" and result.reference is None

@@ -104,6 +104,7 @@ def test_cli_zero_init_residual_reaches_the_trained_model(capsys, tmp_path):
     assert code == 2 and "zero_init_residual" in err and not (tmp_path / "plain").exists()
 
 
+@pytest.mark.slow
 def test_inspect_shows_zeroed_branch_scales(capsys):
     code, out, _ = cli(capsys, "inspect", "cifar_resnet20", "--init", "kaiming_normal", "-o", "zero_init_residual=true")
     assert code == 0
@@ -226,6 +227,7 @@ def torchrun(*args, nproc=2, script=None, timeout=300):
          *target, *map(str, args)], capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_eval_batch_that_does_not_split_over_ranks_is_refused_before_training(tmp_path):
     out = tmp_path / "run"
     done = torchrun("train", *TINY, "--epochs", "1", "--batch-size", "32", "--eval-batch-size", "33", "--out", out)
@@ -234,6 +236,7 @@ def test_eval_batch_that_does_not_split_over_ranks_is_refused_before_training(tm
     assert not out.exists()  # refused before a single step, nothing on disk
 
 
+@pytest.mark.slow
 def test_one_failing_rank_ends_the_job_and_records_why(tmp_path):
     script = tmp_path / "fail_rank1.py"
     script.write_text(textwrap.dedent("""
@@ -409,6 +412,7 @@ def test_train_step_sends_no_host_tensor_per_step(tmp_path, monkeypatch, tiny):
     assert tensors_per_epoch(192) == tensors_per_epoch(384)  # 6 vs 12 steps
 
 
+@pytest.mark.slow
 def test_compile_builds_the_train_step_once_and_never_for_eval(tmp_path, monkeypatch, tiny):
     compiles = []
 

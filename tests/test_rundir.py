@@ -189,6 +189,7 @@ def _eval(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow
 def test_load_run_gives_the_config_records_and_checkpoint_weights(finished):
     cfg, result = finished
     run = load_run(result.out)

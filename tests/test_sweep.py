@@ -51,6 +51,7 @@ def test_a_bad_value_anywhere_in_the_grid_is_caught_before_running(tmp_path, tin
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.slow
 def test_sweep_cli_runs_grid_skips_finished_and_reports(capsys, tmp_path):
     out = tmp_path / "s"
     code, stdout, err = cli(capsys, "sweep", *TINY_FLAGS, "--norm", "bn,gn", "--seeds", "0,1", "--out", str(out))
@@ -67,6 +68,7 @@ def test_sweep_cli_runs_grid_skips_finished_and_reports(capsys, tmp_path):
     assert mtimes == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.parent != out}
 
 
+@pytest.mark.slow
 def test_sweep_with_parallel_jobs(capsys, tmp_path):
     out = tmp_path / "s"
     code, stdout, err = cli(capsys, "sweep", *TINY_FLAGS, "--init", "zeros,kaiming_normal", "--jobs", "2",
@@ -86,6 +88,7 @@ def test_diverged_run_does_not_stop_the_sweep(capsys, tmp_path):
     assert statuses["init=ones-seed=0"] == "diverged" and len(statuses) == 2
 
 
+@pytest.mark.slow
 def test_sigkill_part_way_then_rerun_completes_each_run_exactly_once(tmp_path):
     out = tmp_path / "s"
     argv = [sys.executable, "-m", "reslab", "sweep", "--model", "cifar_resnet20", "--norm", "gn",
@@ -146,6 +149,7 @@ def test_sweep_study_report_bad_input(capsys, tmp_path, argv, fragment):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_every_study_is_documented_and_valid(tmp_path):
     for name, study in shipped_studies().items():
         assert study.claim and study.cost, name
@@ -164,6 +168,7 @@ def test_study_print_config_shows_the_plan(capsys):
     assert "cifar10" in out and "- bn" in out and "- ln" not in out
 
 
+@pytest.mark.slow
 def test_inits_study_tells_the_seeds_story(capsys, tmp_path):
     """The README's main job: constant inits at chance, uniform[0,1) poor, scaled inits best."""
     import csv
@@ -204,6 +209,7 @@ def summary_of(run_dir):
     return json.loads((run_dir / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_study_rerun_with_other_settings_is_refused_until_restart(capsys, tmp_path):
     out = tmp_path / "norms"
     study = ["study", "norms", *ONE_EPOCH_FLAGS, "--norm", "bn,gn", "--warmup-epochs", "0", "--out", str(out)]
@@ -340,6 +346,7 @@ def test_sweep_config_file_with_a_policy_mapping_and_lists(capsys, tmp_path, syn
 # --- a run that breaks while it is being built ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_out_of_memory_while_building_a_run_fails_that_run_only(capsys, tmp_path, monkeypatch):
     import torch
 

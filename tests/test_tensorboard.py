@@ -89,6 +89,7 @@ def straight(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @needs_tensorboard
 def test_event_files_hold_the_runs_records_and_its_config(straight):
     assert [p.is_file() for p in (straight / "tb").iterdir()] == [True]  # one file, no timestamped subfolder
@@ -187,6 +188,7 @@ def test_a_diverged_run_records_its_non_finite_loss_and_ends_its_session_in_fail
     assert "hparam/final_eval_acc" not in acc.Tags()["scalars"]  # no epoch was completed
 
 
+@pytest.mark.slow
 @needs_tensorboard
 def test_every_run_of_a_sweep_has_its_own_tb(capsys, tmp_path):
     out = tmp_path / "sweep"
@@ -210,6 +212,7 @@ def test_without_the_package_it_is_one_line_before_any_work(capsys, tmp_path, mo
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_tensorboard_is_imported_only_when_asked_for():
     code = ("import sys, reslab, reslab.training, reslab.cli; "
             "print(sorted(m for m in sys.modules if 'tensorboard' in m))")

@@ -46,6 +46,7 @@ def tiny(tiny_config):
     return make
 
 
+@pytest.mark.slow
 def test_mlp_on_mnist5k_reaches_90_percent(capsys, tmp_path):
     out = tmp_path / "run"
     code, stdout, _ = cli(capsys, "train", "--model", "mlp", "--dataset", "mnist5k", "--epochs", "3",
@@ -104,6 +105,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny, model, extra):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_leaves_a_loadable_checkpoint_and_resumes(tmp_path):
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "reslab", "train", "--model", "cifar_resnet20", "--norm", "gn",

@@ -37,6 +37,7 @@ def test_resnet18_for_one_channel_with_groupnorm():
         sum(p.numel() for p in reference.parameters()) - stem_difference) == 11_175_370
 
 
+@pytest.mark.slow
 def test_bn_keeps_torchvision_batchnorm_and_none_removes_it():
     model = build_model("tv:mobilenet_v3_small", num_classes=4, norm="bn")
     layers = batchnorms(model)
