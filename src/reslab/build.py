@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import TrainConfig
+from .config import TrainConfig, config_from_dict
 from .convs import resolve_conv
 from .data import Dataset
 from .errors import SpecError
@@ -145,8 +145,6 @@ def model_config(model: str, **fields: Any) -> TrainConfig:
     """A config that names a model and how to build it (every other field at its default):
     ``model_config("cifar_resnet20", norm="gn", model_options={"width": 8})``.  Values are
     typed as the config's flags are (``"true"`` -> True); unknown fields are a SpecError."""
-    from .config import config_from_dict
-
     return config_from_dict({"model": model, **fields})
 
 
