@@ -196,8 +196,6 @@ class _KeyValues(argparse.Action):
     """``-o KEY=VALUE`` (repeatable): the pairs gathered into one mapping, later ones winning."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from .config import parse_key_values
-
         current = dict(getattr(namespace, self.dest, None) or {})
         try:
             current.update(parse_key_values([values], "model option"))

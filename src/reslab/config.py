@@ -229,10 +229,11 @@ def parse_key_values(pairs: Sequence[str], what: str) -> dict[str, Any]:
         key, eq, value = str(pair).partition("=")
         if not eq or not key.strip():
             raise SpecError(f"malformed {what} {pair!r}: expected KEY=VALUE")
+        name = key.strip().replace("-", "_")
         try:
-            options[key.strip().replace("-", "_")] = yaml.safe_load(value) if value else ""
+            options[name] = yaml.safe_load(value) if value else ""
         except yaml.YAMLError:
-            options[key.strip().replace("-", "_")] = value
+            options[name] = value
     return options
 
 
