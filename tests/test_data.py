@@ -12,6 +12,7 @@ import torchvision
 from reslab.data import Augment, Dataset
 from reslab.datasets import (
     DatasetMissing,
+    cache_dir,
     cache_file,
     channel_stats,
     dataset_names,
@@ -28,7 +29,7 @@ TORCHVISION_SETS = ["cifar10", "cifar100", "mnist", "fashion-mnist"]
 
 
 def test_registry_lists_every_dataset_with_description():
-    assert set(dataset_names()) == {*TORCHVISION_SETS, "mnist5k", "digits", "synthetic"}
+    assert set(dataset_names()) == {*TORCHVISION_SETS, "mnist5k", "digits", "synthetic", "folder", "npz"}
     for name, description in list_datasets().items():
         assert description and "\n" not in description, name
 
@@ -55,18 +56,32 @@ def test_bad_options_are_spec_errors(spec, fragment):
 
 
 def test_data_dir_defaults_to_env_var(monkeypatch, tmp_path):
+    monkeypatch.delenv("RESLAB_CACHE", raising=False)
     monkeypatch.setenv("RESLAB_DATA", str(tmp_path))
     assert default_data_dir() == tmp_path
+    assert cache_dir() == tmp_path / "reslab-cache"
     monkeypatch.delenv("RESLAB_DATA")
     assert str(default_data_dir()) == os.path.expanduser(os.path.join("~", ".cache", "reslab", "data"))
+    assert cache_dir() == default_data_dir() / "reslab-cache"
+    monkeypatch.setenv("RESLAB_CACHE", str(tmp_path / "elsewhere"))
+    assert cache_dir() == tmp_path / "elsewhere" and cache_file("digits").parent == tmp_path / "elsewhere"
+
+
+@pytest.fixture
+def cache(monkeypatch, tmp_path):
+    """RESLAB_CACHE pointed at a fresh folder, returned."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("RESLAB_CACHE", str(path))
+    return path
 
 
 # --- offline datasets ---------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_mnist5k_loads_offline_and_caches(tmp_path):
-    ds = load_dataset("mnist5k", data_dir=tmp_path)
+def test_mnist5k_loads_offline_and_caches(tmp_path, cache):
+    data_dir = tmp_path / "data"
+    ds = load_dataset("mnist5k", data_dir=data_dir)
     assert ds.num_train + ds.num_eval == 5000
     assert (ds.num_train, ds.num_eval, ds.eval_split) == (4000, 1000, "test")
     assert ds.train_images.dtype == torch.uint8 and ds.train_images.shape[1:] == (1, 28, 28)
@@ -77,32 +92,42 @@ def test_mnist5k_loads_offline_and_caches(tmp_path):
     assert torch.bincount(ds.eval_labels).tolist() == [100] * 10
     assert ds.train_images.max() > 200  # real 0..255 digits, not 0..1
     assert ds.augment == Augment()
-    assert cache_file("mnist5k", tmp_path).is_file()
-    again = load_dataset("mnist5k", data_dir=tmp_path)
+    assert cache_file("mnist5k").is_file() and cache_file("mnist5k").parent == cache
+    assert not data_dir.exists()  # an explicit data_dir never receives a cache
+    again = load_dataset("mnist5k", data_dir=data_dir)
     for a, b in [(ds.train_images, again.train_images), (ds.train_labels, again.train_labels),
                  (ds.eval_images, again.eval_images), (ds.eval_labels, again.eval_labels)]:
         assert torch.equal(a, b)
     assert again.mean == pytest.approx(ds.mean) and ds.mean[0] == pytest.approx(0.13, abs=0.01)
 
 
-def test_unwritable_cache_dir_still_loads(tmp_path):
+def test_unwritable_cache_dir_still_loads(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    ds = load_dataset("digits", data_dir=blocker)  # DIR/reslab-cache cannot be created under a file
+    monkeypatch.setenv("RESLAB_CACHE", str(blocker / "cache"))  # cannot be created under a file
+    ds = load_dataset("digits")
     assert ds.num_train + ds.num_eval == 1797
     assert not list(tmp_path.rglob("*.pt"))
 
 
-def test_corrupt_cache_is_rebuilt(tmp_path):
-    path = cache_file("digits", tmp_path)
+def test_corrupt_cache_is_rebuilt(cache):
+    path = cache_file("digits")
     path.parent.mkdir(parents=True)
     path.write_bytes(b"garbage")
-    ds = load_dataset("digits", data_dir=tmp_path)
+    ds = load_dataset("digits")
     assert ds.num_train == 1438
-    assert load_dataset("digits", data_dir=tmp_path).train_images.equal(ds.train_images)
+    assert load_dataset("digits").train_images.equal(ds.train_images)
 
 
-def test_digits_loads(tmp_path):
+def test_cache_follows_reslab_data_not_an_explicit_data_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("RESLAB_CACHE", raising=False)
+    monkeypatch.setenv("RESLAB_DATA", str(tmp_path / "home"))
+    load_dataset("digits", data_dir=tmp_path / "imgs")
+    assert not (tmp_path / "imgs").exists()
+    assert cache_file("digits").is_file() and cache_file("digits").parent == tmp_path / "home" / "reslab-cache"
+
+
+def test_digits_loads(tmp_path, cache):
     ds = load_dataset("digits", data_dir=tmp_path)
     assert ds.num_train + ds.num_eval == 1797
     assert (ds.num_train, ds.num_eval) == (1438, 359)
@@ -110,6 +135,8 @@ def test_digits_loads(tmp_path):
     assert (ds.num_classes, ds.image_size) == (10, 8)
     assert int(ds.train_images.max()) == 255  # 16 grey levels scaled to 0..255
     assert torch.bincount(ds.eval_labels, minlength=10).min() >= 20  # every class in test
+    assert ds.classes == tuple("0123456789")
+    assert load_dataset("digits").classes == ds.classes  # read back from the cache
 
 
 def test_synthetic_options_take_effect():
@@ -215,6 +242,7 @@ def test_torchvision_loader_returns_the_written_pixels(name, tmp_path, skip_chec
     assert ds.num_classes == (100 if name == "cifar100" else 10)
     assert ds.augment == (Augment(4, True) if colour else Augment())
     assert len(ds.mean) == len(ds.std) == ds.in_channels
+    assert ds.classes is not None and len(ds.classes) == ds.num_classes
 
 
 @pytest.mark.parametrize("name", TORCHVISION_SETS)

