@@ -370,7 +370,7 @@ def _bad_npz(kind, path, arrays):
     ("lacks x_train", SpecError, ["lacks array 'x_train'", "it holds: y_train, x_test, y_test, images"]),
     ("lengths", SpecError, ["x_train holds 20 images but y_train 19 labels"]),
     ("label range", SpecError, ["y_test holds labels from -1 to", "expected integers 0.."]),
-    ("float labels", SpecError, ["y_train holds torch.float32 values; labels must be integers"]),
+    ("float labels", SpecError, ["y_train holds float32 values; labels must be integers"]),
     ("ndim", SpecError, ["x_train has shape (20, 108)", "(N, H, W)"]),
     ("float range", SpecError, ["x_train holds floats in [0, 255]", "must lie in [0, 1]"]),
     ("classes too few", SpecError, ["expected integers 0..1 (classes names 2)"]),

@@ -399,12 +399,16 @@ def _as_tensor(x: Any, name: str, where: str) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")  # float32, as NumPy names it
+
+
 def _to_uint8(t: torch.Tensor, name: str, where: str) -> torch.Tensor:
     """Pixel values as uint8: uint8 as is, integers in 0..255, floats in [0, 1] times 255, rounded."""
     if t.dtype == torch.uint8:
         return t
     if t.dtype == torch.bool or t.dtype.is_complex:
-        raise SpecError(f"{where}: {name} holds {t.dtype} values; images must be uint8 0..255 or floats in [0, 1]")
+        raise SpecError(f"{where}: {name} holds {_dtype(t)} values; images must be uint8 0..255 or floats in [0, 1]")
     lo, hi = (t.min().item(), t.max().item()) if t.numel() else (0, 0)
     if t.dtype.is_floating_point:
         if not (0.0 <= lo and hi <= 1.0):
@@ -445,7 +449,7 @@ def labels_from_array(y: Any, name: str, where: str) -> torch.Tensor:
     if t.ndim != 1:
         raise SpecError(f"{where}: {name} has shape {tuple(t.shape)}; expected (N,) labels")
     if t.dtype.is_floating_point or t.dtype == torch.bool:
-        raise SpecError(f"{where}: {name} holds {t.dtype} values; labels must be integers 0..K-1")
+        raise SpecError(f"{where}: {name} holds {_dtype(t)} values; labels must be integers 0..K-1")
     return t.to(torch.int64)
 
 
