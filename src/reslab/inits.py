@@ -69,8 +69,8 @@ from torch import nn
 
 from .convs import CONV_TYPES
 from .errors import SpecError
-from .model_inits import MODEL_INITS, ModelInit, apply_model_init
-from .norms import EvoNorm2dS0, FilterResponseNorm2d
+from .model_inits import MODEL_INITS, ModelInit, apply_model_init, declared_branch, declares_branch
+from .norms import EvoNorm2dS0, FilterResponseNorm2d, has_affine_weight
 from .registry import REQUIRED, Registry, Resolved
 from .specs import Converter, one_of, parse_spec, positive_float, to_bool, to_float
 from .tables import format_table
@@ -543,28 +543,44 @@ def wants_zero_init_residual(model: nn.Module, policy: InitPolicy) -> bool:
     return built_with if policy.zero_init_residual is None else policy.zero_init_residual
 
 
+def _zero_declared_last(block: nn.Module) -> None:
+    """Zero the scale of the last layer of ``block.residual_branch()`` when it is a norm with an affine weight."""
+    last = declared_branch(block)[-1]
+    if isinstance(last, NORM_TYPES) and has_affine_weight(last):
+        nn.init.zeros_(last.weight)
+
+
 def _zero_init_residual(model: nn.Module) -> set[int]:
-    """Call ``zero_init_last()`` on every block that has it; ids of the tensors it wrote.
+    """Zero the last norm scale of every residual branch; ids of the tensors it wrote.
 
     Goyal et al. 2017 (arXiv 1706.02677): with the last norm of each residual
-    branch at zero, every block starts as the identity.  A tensor counts as
-    written if its version counter moved or its values changed.  A model where
-    nothing can be zeroed (no residual blocks, or branches that end without a
-    norm scale) is a SpecError: asking for it and silently getting nothing
-    would record a run that is not the one named.
+    branch at zero, every block starts as the identity.  A block that has a callable
+    ``zero_init_last()`` (timm's convention; reslab's and torchvision's blocks have
+    it too) is asked to do it; one that instead declares ``residual_branch()``
+    (:mod:`reslab.model_inits`) has the scale of its branch's last layer zeroed when
+    that layer is a norm with an affine weight.  A tensor counts as written if its
+    version counter moved or its values changed.  A model where nothing can be
+    zeroed (no such blocks, or branches that end without a norm scale) is a
+    SpecError: asking for it and silently getting nothing would record a run that
+    is not the one named.
     """
-    blocks = [m for m in model.modules() if callable(getattr(m, "zero_init_last", None))]
+    blocks = [m for m in model.modules() if callable(getattr(m, "zero_init_last", None)) or declares_branch(m)]
     written: set[int] = set()
     for block in blocks:
         before = {id(p): (p._version, p.detach().clone()) for p in block.parameters()}
-        block.zero_init_last()
+        if callable(getattr(block, "zero_init_last", None)):
+            block.zero_init_last()
+        else:
+            _zero_declared_last(block)
         for p in block.parameters():
             version, saved = before.get(id(p), (None, None))
             if saved is None or p._version != version or not torch.equal(p.detach(), saved):
                 written.add(id(p))
     if not written:
         raise SpecError(f"zero_init_residual: {type(model).__name__} has no residual branch ending in a norm "
-                        "with a scale to zero (a plain net, a model without zero_init_last(), or norm 'none')")
+                        "with a scale to zero (a plain net, blocks without zero_init_last() or residual_branch(), "
+                        "or norm 'none'); give each residual block zero_init_last() or residual_branch() ending "
+                        "in its last norm (see reslab.model_inits)")
     return written
 
 

@@ -268,14 +268,24 @@ def _zero_last_norm(block: nn.Module) -> bool:
     return True
 
 
+def _branch_layers(block: nn.Module) -> list[nn.Module]:
+    """The residual branch of a torchvision BasicBlock/Bottleneck in forward order: conv1, bn1, conv2, bn2
+    (, conv3, bn3); bn2 (bn3) outputs what the block adds to its shortcut."""
+    names = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3")
+    return [getattr(block, name) for name in (names if hasattr(block, "conv3") else names[:4])]
+
+
 def _mark_residual_blocks(model: nn.Module, zero_init_residual: bool) -> None:
     """Give each residual block ``zero_init_last()`` and record the option, as reslab's ResNets do,
-    so ``init_weights`` zeroes the branches again after initializing them."""
+    so ``init_weights`` zeroes the branches again after initializing them; and ``residual_branch()``,
+    the layers of its branch, so ``fixup`` and ``skipinit`` can be attached to it
+    (:func:`reslab.model_inits.attach_branch`)."""
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
     for module in model.modules():
         if isinstance(module, (BasicBlock, Bottleneck)):
             module.zero_init_last = types.MethodType(_zero_last_norm, module)
+            module.residual_branch = types.MethodType(_branch_layers, module)
     model.zero_init_residual = zero_init_residual
     if zero_init_residual:
         zeroed = [module.zero_init_last() for module in model.modules() if hasattr(module, "zero_init_last")]
