@@ -186,13 +186,37 @@ def test_signal_is_flat_with_depth_for_the_normfree_recipes_and_grows_for_he():
 # --- bad input ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("init", ["fixup", "skipinit", "nf"])
-@pytest.mark.parametrize("model", ["plain20", "mlp", "simple_cnn", "tv:resnet18"])
+@pytest.mark.parametrize("model", ["plain20", "mlp", "simple_cnn"])
 def test_normfree_inits_refuse_models_without_residual_branches(model, init, capsys, tmp_path):
     code = main(["train", "--model", model, "--norm", "none", "--init", init, "--dataset", "digits",
                  "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.count("\n") == 0 and f"'{model}' has none" in err and "cifar_resnet56" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("init", ["fixup", "skipinit"])
+def test_fixup_and_skipinit_reach_torchvision_resnet_blocks(init):
+    # torchvision's blocks declare their branch (residual_branch()), so the scalars are attached to them
+    cfg = model_config("tv:resnet18", norm="none", init=init)
+    model = build(cfg, num_classes=10, in_channels=1, input_size=32)
+    init_model(model, cfg)
+    blocks = [m for m in model.modules() if type(m).__name__ == "BasicBlock"]
+    assert len(blocks) == 8
+    if init == "skipinit":
+        assert all(b.skipinit_gain.item() == 0 for b in blocks)
+    else:
+        assert all(torch.all(b.conv2.weight == 0) and b.scale.item() == 1 for b in blocks)
+    x = torch.randn(2, 1, 32, 32)
+    assert model(x).shape == (2, 10)
+
+
+def test_nf_on_a_torchvision_resnet_is_refused_before_anything_is_written(capsys, tmp_path):
+    code = main(["train", "--model", "tv:resnet18", "--norm", "none", "--init", "nf", "--dataset", "digits",
+                 "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "it needs reslab's pre-activation blocks" in err, err
     assert not (tmp_path / "run").exists()
 
 

@@ -13,8 +13,10 @@ benchmarks and the tests all build a model here, from the model fields of a
 This is the only module that knows an init may change the architecture:
 ``fixup``, ``skipinit`` and ``nf`` need residual blocks that carry their scalars
 (:mod:`reslab.model_inits`), so :func:`model_options` adds the ResNet options
-(``branch``, ``alpha``) they need, and refuses a model without residual branches
-in one line.
+(``branch``, ``alpha``) they need to reslab's own ResNets, and refuses a model without
+residual branches in one line.  A ``tv:`` model or your own (``py:pkg.mod:Name``,
+``file.py:Name``) gets the branch after it is built, on every block that declares
+one (``residual_branch()``; :func:`reslab.model_inits.attach_branch`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from .convs import resolve_conv
 from .data import Dataset
 from .errors import SpecError
 from .inits import InitReport, init_weights, is_model_init, needs_batch, parse_policy, resolve_model_init
-from .models import build_model, model_input, model_names
+from .model_inits import attach_branch, check_attachable
+from .models import build_model, is_torchvision_name, is_user_model_name, model_input, model_names
 from .models import model_options as accepted_options
 from .norms import norm_factory
 
@@ -39,6 +42,8 @@ log = logging.getLogger(__name__)
 
 # The config fields that say which model to build and how to initialize it; every
 # command that builds a model takes a flag for each (``reslab train``, ``inspect``, ``signal``).
+# The arguments every model gets from the run (its data and its --norm, --conv): never -o options.
+SET_FROM_RUN = ("num_classes", "in_channels", "input_size", "norm", "conv")
 MODEL_FIELDS = ("model", "norm", "conv", "init", "stem", "shortcut", "zero_init_residual", "model_options")
 
 
@@ -56,7 +61,7 @@ def init_options(model_name: str, init: Any, options: Mapping[str, Any] | None =
     if not is_model_init(spec):
         return {}
     resolved = resolve_model_init(spec)
-    if resolved.entry.branch is None:
+    if resolved.entry.branch is None or _attaches_branch(model_name):
         return {}
     if "branch" not in accepted_options(model_name):
         raise SpecError(f"init {resolved.text!r} needs a model with residual branches; {model_name!r} has none "
@@ -70,9 +75,27 @@ def init_options(model_name: str, init: Any, options: Mapping[str, Any] | None =
     return wanted
 
 
+def _attaches_branch(model_name: str) -> bool:
+    """True for the models whose blocks get an init's branch after construction (``tv:`` and your own:
+    :func:`reslab.model_inits.attach_branch`); reslab's ResNets are built with it instead."""
+    return is_torchvision_name(model_name) or is_user_model_name(model_name)
+
+
+def attached_branch(cfg: TrainConfig) -> str | None:
+    """The branch ``cfg.init`` adds to the declared residual blocks of a ``tv:`` or user model, if any."""
+    spec = cfg.init.get("model") if isinstance(cfg.init, Mapping) else cfg.init
+    if not _attaches_branch(cfg.model) or not is_model_init(spec):
+        return None
+    return resolve_model_init(spec).entry.branch
+
+
 def model_options(cfg: TrainConfig) -> dict[str, Any]:
     """Every model option ``cfg`` sets: ``-o KEY=VALUE``, the ResNet flags, and what its init needs."""
     options = dict(cfg.model_options)
+    for key in options:
+        if key in SET_FROM_RUN:
+            raise SpecError(f"option {key!r} of model {cfg.model!r} is set by reslab from the data and the "
+                            f"flags; drop -o {key}{' (use --' + key + ')' if key in ('norm', 'conv') else ''}")
     policy_zero = cfg.init.get("zero_init_residual") if isinstance(cfg.init, Mapping) else None
     flags = {"stem": cfg.stem, "shortcut": cfg.shortcut,
              "zero_init_residual": True if cfg.zero_init_residual or policy_zero else None}
@@ -97,6 +120,9 @@ def check(cfg: TrainConfig) -> None:
     resolve_conv(cfg.conv)
     parse_policy(cfg.init)
     model_options(cfg)
+    branch = attached_branch(cfg)
+    if branch is not None:
+        check_attachable(branch, cfg.model)
 
 
 def build(cfg: TrainConfig, *, num_classes: int = 10, in_channels: int | None = None,
@@ -108,8 +134,12 @@ def build(cfg: TrainConfig, *, num_classes: int = 10, in_channels: int | None = 
     weights from the global RNG, as ``nn.Module`` constructors do.
     """
     channels, side = model_input(cfg.model)
-    return build_model(cfg.model, num_classes=num_classes, in_channels=in_channels or channels, norm=cfg.norm,
-                       input_size=input_size or side, conv=cfg.conv, **model_options(cfg))
+    model = build_model(cfg.model, num_classes=num_classes, in_channels=in_channels or channels, norm=cfg.norm,
+                        input_size=input_size or side, conv=cfg.conv, **model_options(cfg))
+    branch = attached_branch(cfg)
+    if branch is not None:
+        attach_branch(model, branch, cfg.model)
+    return model
 
 
 def init_model(model: nn.Module, cfg: TrainConfig, *, batch: torch.Tensor | None = None) -> InitReport:
@@ -148,5 +178,5 @@ def model_config(model: str, **fields: Any) -> TrainConfig:
     return config_from_dict({"model": model, **fields})
 
 
-__all__ = ["MODEL_FIELDS", "build", "build_for", "check", "first_batch", "init_model", "init_options",
-           "model_config", "model_options"]
+__all__ = ["MODEL_FIELDS", "attached_branch", "build", "build_for", "check", "first_batch", "init_model",
+           "init_options", "model_config", "model_options"]

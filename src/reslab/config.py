@@ -39,8 +39,9 @@ def _f(default: Any, help: str, **meta: Any) -> Any:
 @dataclass
 class TrainConfig:
     # -- what to train --
-    model: str = _f("cifar_resnet20", "model name (reslab list models), or tv:NAME for a torchvision model "
-                                      "(reslab list models --all)")
+    model: str = _f("cifar_resnet20", "model name (reslab list models), tv:NAME for a torchvision model "
+                                      "(reslab list models --all), or your own: py:package.module:Name or "
+                                      "path/to/file.py:Name (a class or a function that returns an nn.Module)")
     norm: str = _f("bn", "norm spec: bn, bn:ghost=G, bn:splits=K, brn, gn, gn:G, gn:cpg=N, ln, in, rms, frn, "
                          "evonorm, none (reslab list norms)")
     conv: str = _f("default", "convolutions: default (the model's), ws (weight standardization, Qiao et al. 2019) "
@@ -60,7 +61,8 @@ class TrainConfig:
         "help": "the model's own options (reslab list models shows them), e.g. -o width=8 -o hidden=64,32; "
                 "repeatable; in YAML a mapping", "key_values": True, "flags": ("--option", "-o")})
     # -- data --
-    dataset: str = _f("mnist5k", "dataset spec (reslab list datasets), e.g. cifar10, synthetic:train=2560")
+    dataset: str = _f("mnist5k", "dataset spec (reslab list datasets), e.g. cifar10, synthetic:train=2560, "
+                                 "folder:PATH (train/ and test/ class folders of images), npz:FILE")
     data_dir: str | None = _f(None, "where torchvision datasets live (default $RESLAB_DATA or ~/.cache/reslab/data)")
     download: bool = _f(False, "download a missing torchvision dataset")
     val_split: float = _f(0.0, "hold out this fraction of train and evaluate on it instead of the test split")

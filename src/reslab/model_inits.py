@@ -239,6 +239,15 @@ def _attach(block: nn.Module, layers: list[nn.Module], branch: str, names: list[
     setattr(block, _ATTACHED, branch)
 
 
+def check_attachable(branch: str, label: str) -> None:
+    """A one-line SpecError unless :func:`attach_branch` can add ``branch`` to declared blocks (``nf``
+    cannot): checked before anything is built or written."""
+    if branch == "nf":
+        raise _nf_refusal(label)
+    if branch not in ATTACHABLE:
+        raise choices_error("branch to attach", branch, ATTACHABLE)
+
+
 def attach_branch(model: nn.Module, branch: str, label: str) -> int:
     """Give every block of ``model`` that declares ``residual_branch()`` the scalars of ``branch``.
 
@@ -253,10 +262,7 @@ def attach_branch(model: nn.Module, branch: str, label: str) -> int:
     fewer than 2 convs, a name the block already uses, or a model that already has
     a branch attached (attaching twice would apply the scalars twice).
     """
-    if branch == "nf":
-        raise _nf_refusal(label)
-    if branch not in ATTACHABLE:
-        raise choices_error("branch to attach", branch, ATTACHABLE)
+    check_attachable(branch, label)
     blocks = [(path, m, declared_branch(m, path)) for path, m in model.named_modules() if declares_branch(m)]
     if not blocks:
         raise SpecError(f"init {branch!r} needs residual blocks that declare their branch: give each block "
@@ -426,5 +432,5 @@ MODEL_INITS = (
 )
 
 
-__all__ = ["ATTACHABLE", "MODEL_INITS", "ModelInit", "Note", "apply_model_init", "attach_branch",
+__all__ = ["ATTACHABLE", "MODEL_INITS", "ModelInit", "Note", "apply_model_init", "attach_branch", "check_attachable",
            "declared_branch", "declares_branch"]

@@ -23,6 +23,9 @@ spec.  Unknown names and options are SpecErrors (:mod:`reslab.errors`) that list
 the valid choices; a string that does not convert is one too, and other bad option
 *values* are rejected by the model itself with the same kind of message.
 
+Your own model is built by import path, ``py:package.module:Name`` or
+``path/to/file.py:Name`` (a class or a factory; see :mod:`reslab.models.user_models`).
+
 Any torchvision classification model is there too, as ``tv:NAME``
 (``build_model("tv:resnet50", norm="gn")``, ``tv:vit_b_16``, ...): built
 without weights and adapted to the common arguments, see
@@ -133,6 +136,8 @@ def model_options(name: str) -> dict[str, Any]:
     """The options ``name`` accepts, each with its default."""
     if is_torchvision_name(name):
         return torchvision_options(name)
+    if is_user_model_name(name):
+        return user_options(name)
     return {key: default for key, (_, default) in _REGISTRY.lookup(name).params.items()}
 
 
@@ -140,6 +145,8 @@ def model_input(name: str) -> tuple[int, int]:
     """``(in_channels, input_size)`` of the input ``name`` was designed for, e.g. ``(3, 224)``."""
     if is_torchvision_name(name):
         return torchvision_input(name)
+    if is_user_model_name(name):
+        return DEFAULT_INPUT
     return _REGISTRY.lookup(name).default_input
 
 
@@ -184,7 +191,9 @@ def build_model(
     """Build the registered model ``name``.
 
     Args:
-        name: a key of :func:`list_models`, or ``tv:NAME`` for torchvision's model NAME.
+        name: a key of :func:`list_models`, ``tv:NAME`` for torchvision's model NAME, or your own
+            model as ``py:package.module:Name`` or ``path/to/file.py:Name``
+            (:mod:`reslab.models.user_models`).
         num_classes: size of the classifier output.
         in_channels: channels of the input images (1 for MNIST, 3 for CIFAR).
         norm: a norm spec (``bn``, ``gn:16``, ``none``, ...; see ``reslab.norms``);
@@ -197,9 +206,11 @@ def build_model(
 
     Unknown names, unknown options and bad values raise :class:`SpecError`.
     """
-    torchvision = is_torchvision_name(name)
+    torchvision, user = is_torchvision_name(name), is_user_model_name(name)
     if torchvision:
         check_options(name, options)  # the name, then the options
+    elif user:
+        load_object(name)  # the import, before the common arguments
     else:
         resolved = _resolve(name, options)
     norm_factory(norm)  # fail on a bad norm spec whether or not the model has norm layers
@@ -214,6 +225,8 @@ def build_model(
     choice = resolve_conv(conv)
     if torchvision:
         model = build_torchvision_model(name, **common, **options)
+    elif user:
+        model = build_user_model(name, **common, **options)
     else:
         model = resolved.entry.fn(**{key: common[key] for key in resolved.entry.common}, **resolved.args)
     return _with_convs(model, choice, name)
@@ -238,6 +251,7 @@ from . import resnet  # noqa: E402,F401,I001
 from . import baselines  # noqa: E402,F401
 from .baselines import MLP, SimpleCNN  # noqa: E402
 from .resnet import BasicBlock, Bottleneck, ResNet, ZeroPadShortcut  # noqa: E402
+from .user_models import build_user_model, is_user_model_name, load_object, user_options  # noqa: E402
 from .torchvision_models import (  # noqa: E402
     build_torchvision_model,
     check_options,
