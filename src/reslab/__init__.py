@@ -8,6 +8,7 @@ The public API mirrors the CLI (``reslab train`` is ``reslab.train``, and so on)
     print(report.format_table())
     result = reslab.train({"model": "cifar_resnet20", "norm": "gn", "epochs": 1, "out": "runs/r20"})
     run = reslab.load_run("runs/r20")
+    reslab.train({"model": "nets.py:MyNet", "dataset": "folder:data/pets,size=32", "norm": "gn"})
     print(reslab.study("inits", out="studies/inits").verdict.verdict)
 
 Submodules are imported on first use so ``import reslab`` stays cheap.
@@ -41,6 +42,8 @@ _EXPORTS: dict[str, str | tuple[str, str]] = {
     "list_inits": "inits",
     "build_model": "models",
     "list_models": "models",
+    "register_model": "models",
+    "register_dataset": "datasets",
     "load_dataset": "datasets",
     "load_run": "evaluate",
     "Run": "rundir",

@@ -425,7 +425,8 @@ def run_study(args: argparse.Namespace) -> int:
     if planned.notes:
         print(f"  {planned.notes}")
     result = study(planned, out=out, jobs=jobs, launcher=args.launcher,
-                   launcher_options=parse_key_values(args.launcher_option, "launcher option"), restart=args.restart)
+                   launcher_options=parse_key_values(args.launcher_option, "launcher option"), restart=args.restart,
+                   quiet=True)  # the command prints the table and verdict itself, with the run counts
     code = _print_sweep_end(result.sweep, result.report)
     budget = f" (its budget: {planned.budget_s:g} s on 2 CPU cores)" if planned.budget_s else ""
     print(f"study {planned.name} took {result.seconds:.0f} s{budget}")

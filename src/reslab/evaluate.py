@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from .config import TrainConfig
 from .data import Dataset
 from .datasets import load_dataset
 from .errors import SpecError, choices_error
+from .models import is_user_model_name
 from .rundir import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -26,7 +28,10 @@ from .rundir import (
     read_config,
     require_run_dir,
 )
+from .sources import import_registrations, model_change, read_sources
 from .training import evaluate_model, resolve_device, run_dataset, uses_channels_last
+
+log = logging.getLogger(__name__)
 
 EVAL_SPLITS = ("test", "val", "train")
 
@@ -49,6 +54,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
 def _load_run(folder: Path, cfg: TrainConfig, device: torch.device) -> tuple[Run, Dataset]:
     """The run in ``folder`` (config ``cfg``) on ``device``, and the dataset it trained on."""
     run_dir = RunDir(folder)
+    cfg = _with_sources(folder, cfg)
     state = run_dir.read_checkpoint(device)
     if not isinstance(state.get(MODEL_STATE), dict):
         raise UnreadableRecord(folder / CHECKPOINT_FILE, f"no {MODEL_STATE!r} state dict: not a reslab checkpoint")
@@ -67,6 +73,23 @@ def _load_run(folder: Path, cfg: TrainConfig, device: torch.device) -> tuple[Run
     run = Run(path=folder, config=cfg, summary=run_dir.read_summary(), metrics=run_dir.read_metrics(),
               steps=run_dir.read_steps(), model=model, channels_last=channels_last)
     return run, data
+
+
+def _with_sources(folder: Path, cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` ready to rebuild the run's model here: the modules that registered its model or dataset
+    imported (:func:`reslab.sources.import_registrations`), and a model file given by a relative path
+    that does not resolve from here found where the run recorded it."""
+    import_registrations(folder)
+    changed = model_change(folder)
+    if changed is not None:
+        log.warning("run %s: %s; the checkpoint is loaded into the model as it is now", folder, changed)
+    recorded = (read_sources(folder).get("model") or {}).get("file")
+    if not is_user_model_name(cfg.model) or cfg.model.startswith("py:") or not recorded:
+        return cfg
+    given, _, attr = cfg.model.rpartition(":")
+    if Path(given).is_file() or Path(given).name != Path(recorded).name or not Path(recorded).is_file():
+        return cfg
+    return replace(cfg, model=f"{recorded}:{attr}")
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ from .config import EXECUTION_FIELDS, TrainConfig
 from .errors import SpecError
 from .fileio import atomic_write_json, atomic_write_text
 from .plots import plot_mean_bars, plot_mean_curves, series_style
-from .rundir import CONFIG_FILE, SUMMARY_FILE, Run, UnreadableRecord, is_run_dir, read_sweep_plan
+from .rundir import CONFIG_FILE, SUMMARY_FILE, Run, RunDir, UnreadableRecord, is_run_dir, read_sweep_plan
 from .studies import MEASUREMENTS_FILE, VERDICT_FILE, Study, is_fraction_metric, read_study
 from .tables import format_table, format_value, table_cells
 from .verdict import Verdict, matches_value, run_field
@@ -186,6 +186,7 @@ def _write(result: Report, groups: list[tuple[tuple, list[Run]]], dest: Path) ->
 # --- what was run -----------------------------------------------------------------------------
 
 # The settings a reader needs to know to judge the numbers, in this order.
+MAX_CLASSES_SHOWN = 20  # class names listed in the setup; the rest counted
 SETUP_FIELDS = ("model", "norm", "init", "dataset", "epochs", "batch_size", "optimizer", "lr", "lr_base_size",
                 "momentum", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "val_split", "precision")
 
@@ -205,8 +206,9 @@ def describe_setup(root: Path, runs: list[Run], group_fields: list[str], study: 
     versions = sorted({(str(r.summary["versions"].get("reslab")), str(r.summary["versions"].get("torch")))
                        for r in runs if r.summary.get("versions")})
     devices = sorted({str(r.summary.get("device")) for r in runs if r.summary.get("device")})
+    classes = sorted({tuple(c) for r in runs if (c := RunDir(r.path).read_classes())})
     return {"fixed": fixed, "varied": list(group_fields), "seeds": seeds, "sizes": sizes, "versions": versions,
-            "devices": devices, "command": _rerun_command(root, study)}
+            "devices": devices, "classes": [list(c) for c in classes], "command": _rerun_command(root, study)}
 
 
 def _rerun_command(root: Path, study: Study | None) -> str:
@@ -344,6 +346,10 @@ def _setup_items(result: Report) -> list[str]:
              f"seeds {', '.join(map(str, s['seeds']))}."]
     if s["sizes"]:
         lines.append("Data: " + "; ".join(f"{a:,} train / {b:,} eval images" for a, b in s["sizes"]) + ".")
+    for names in s.get("classes", []):  # the dataset's own names for its labels 0, 1, ... (classes.json)
+        shown = ", ".join(f"`{n}`" for n in names[:MAX_CLASSES_SHOWN])
+        more = f" and {len(names) - MAX_CLASSES_SHOWN} more" if len(names) > MAX_CLASSES_SHOWN else ""
+        lines.append(f"Classes ({len(names)}): {shown}{more}.")
     if s["versions"]:
         lines.append("Versions: " + "; ".join(f"reslab {a}, torch {b}" for a, b in s["versions"])
                      + (f"; device {', '.join(s['devices'])}" if s["devices"] else "") + ".")

@@ -8,6 +8,9 @@ A run directory holds
 - ``checkpoint.pt`` the state after the last completed epoch (the model's
   ``state_dict`` under :data:`MODEL_STATE`), readable with ``weights_only=True``,
 - ``summary.json``  written when the run ends (completed, diverged or failed),
+- ``classes.json``  the class names, label order (where the dataset names its classes),
+- ``sources.json``  the model's or dataset's code outside reslab, where the run uses
+  some (:mod:`reslab.sources`),
 - ``tb/``           TensorBoard event files, with ``--tensorboard`` (:mod:`reslab.tblog`).
 
 :class:`RunDir` is the one object that writes these files and reads them back;
@@ -35,6 +38,7 @@ from .fileio import append_jsonl, atomic_torch_save, atomic_write_json, atomic_w
 CONFIG_FILE, METRICS_FILE = "config.yaml", "metrics.jsonl"
 CHECKPOINT_FILE, SUMMARY_FILE = "checkpoint.pt", "summary.json"
 STEPS_FILE = "steps.jsonl"  # mean train loss and lr per interval of --log-every steps
+CLASSES_FILE = "classes.json"  # the dataset's class names, index = label, where the dataset names them
 TB_DIR = "tb"  # TensorBoard event files, with --tensorboard (reslab.tblog)
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, STEPS_FILE, CHECKPOINT_FILE, SUMMARY_FILE)
 SWEEP_PLAN = "sweep.yaml"  # the grid as given: base, axes, seeds and run ids in grid order
@@ -198,6 +202,18 @@ class RunDir:
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
         return atomic_write_json(self.file(SUMMARY_FILE), summary)
+
+    def write_classes(self, classes: list[str] | tuple[str, ...]) -> Path:
+        """classes.json: the class names, the name of label ``i`` at index ``i``."""
+        return atomic_write_json(self.file(CLASSES_FILE), list(classes))
+
+    def read_classes(self) -> list[str] | None:
+        """The class names in classes.json, or None where the run has none (or an unreadable one)."""
+        try:
+            classes = json.loads(self.file(CLASSES_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        return [str(c) for c in classes] if isinstance(classes, list) else None
 
 
 # --- the same readers by folder, for callers that hold a path ---------------------------------

@@ -45,6 +45,7 @@ from .config import TrainConfig, config_from_dict, describe_differences, differi
 from .errors import SpecError
 from .fileio import atomic_write_json, require_writable_dir
 from .rundir import CONFIG_FILE, Run, RunDir, UnreadableRecord, run_numbers, run_status, write_sweep_plan
+from .sources import model_change
 from .training import check_config, preflight
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,10 @@ def _saved_config_difference(run: Run) -> str | None:
     except UnreadableRecord as exc:
         return f"has an unreadable {CONFIG_FILE} ({exc.reason})"
     names = differing_fields(saved, run.config)
-    return f"was trained with other settings ({describe_differences(saved, run.config, names)})" if names else None
+    if names:
+        return f"was trained with other settings ({describe_differences(saved, run.config, names)})"
+    changed = model_change(run.path)
+    return None if changed is None else f"was trained with other code: {changed}"
 
 
 def stale_runs(runs: Sequence[Run]) -> list[tuple[Run, str]]:
@@ -377,11 +381,12 @@ LAUNCHERS: dict[str, Callable[..., None]] = {"local": run_local, "submitit": run
 
 @contextlib.contextmanager
 def _sweep_bar(total: int) -> Iterator[Callable[[], None]]:
-    """One progress bar for the whole sweep on a terminal (runs done of ``total``, elapsed,
-    time left), with the per-run lines printed above it; nothing extra elsewhere, or with
-    ``--verbose``, where each run prints its own epoch lines."""
-    if not (total and sys.stderr.isatty() and log.isEnabledFor(logging.INFO)
-            and not log.isEnabledFor(logging.DEBUG)):
+    """One progress bar for the whole sweep on a terminal or in a notebook (runs done of
+    ``total``, elapsed, time left), with the per-run lines printed above it; nothing extra
+    elsewhere, or with ``--verbose``, where each run prints its own epoch lines."""
+    from .training import shows_bars
+
+    if not (total and shows_bars() and not log.isEnabledFor(logging.DEBUG)):
         yield lambda: None
         return
     from tqdm.auto import tqdm
@@ -515,6 +520,7 @@ def study(
     launcher: str = "local",
     launcher_options: Mapping[str, Any] | None = None,
     restart: bool = False,
+    quiet: bool = False,
 ) -> StudyResult:
     """Run a study as ``reslab study`` does and judge its claim from its runs.
 
@@ -524,7 +530,9 @@ def study(
     ``out`` to ``studies/NAME``.  Writes the runs, ``study.yaml`` (the study as it
     ran), its measurements, the report and ``verdict.json`` into ``out``; returns a
     :class:`StudyResult` whose ``verdict`` says whether the claim held.  Seeds added
-    to a finished study reuse the runs it already has.
+    to a finished study reuse the runs it already has.  Unless ``quiet``, it shows a bar
+    over its runs on a terminal or in a notebook, then prints the report's table and the
+    verdict with the numbers that decided it.
     """
     import time
 
@@ -546,6 +554,10 @@ def study(
     if planned.measure:
         _measure(planned, result)
     judged = report(result.out)
+    if not quiet:
+        print(judged.format_table(), end="\n\n")
+        if judged.verdict is not None:
+            print("\n".join(judged.verdict.format_lines()))
     return StudyResult(study=planned, sweep=result, report=judged, seconds=time.perf_counter() - started)
 
 

@@ -68,6 +68,7 @@ from .rundir import (  # noqa: F401
     UnreadableRecord,
     read_summary,
 )
+from .sources import model_change, write_sources
 from .tblog import TensorBoardLog, check_available
 
 log = logging.getLogger(__name__)
@@ -514,6 +515,9 @@ class Trainer:
         steps: list[dict[str, Any]] = []
         if self.dist.is_main:
             self.run_dir.write_config(self.cfg, self.layout)
+            write_sources(self.run_dir.path, self.cfg)
+            if getattr(self.data, "classes", None):
+                self.run_dir.write_classes(self.data.classes)
             metrics, steps = self.run_dir.keep_records_until(self.epoch, self.step)
             if self.cfg.tensorboard:
                 # Points an earlier session wrote past the checkpoint are dropped by TensorBoard.
@@ -630,12 +634,22 @@ def evaluate_model(model: nn.Module, data: Dataset, batch_size: int, *, channels
 # --- progress ------------------------------------------------------------------------
 
 
+def shows_bars() -> bool:
+    """True on a terminal and in a Jupyter notebook, where ``tqdm.auto`` draws a bar (a widget
+    in the notebook); False where output goes to a file or a pipe."""
+    if sys.stderr.isatty():
+        return True
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
 class _Progress:
-    """A tqdm bar on a terminal, a log line per epoch otherwise (or nothing)."""
+    """A tqdm bar on a terminal and in a notebook, a log line per epoch otherwise (or nothing)."""
 
     def __init__(self, mode: str, total_steps: int, enabled: bool):
         if mode == "auto":
-            mode = "bar" if sys.stderr.isatty() else "log"
+            mode = "bar" if shows_bars() else "log"
         self.mode = mode if enabled else "none"
         self.bar = None
         if self.mode == "bar":
@@ -703,6 +717,10 @@ def _prepare_out(cfg: TrainConfig, run_dir: RunDir) -> _Resume:
         reason = exc.reason if isinstance(exc, UnreadableRecord) else type(exc).__name__
         raise SpecError(f"--resume: checkpoint {str(checkpoint)!r} is corrupted or not a reslab checkpoint "
                         f"({reason})") from None
+    changed = model_change(out)
+    if changed is not None:
+        raise SpecError(f"--resume: the run in {str(out)!r} cannot continue: {changed}; use another --out "
+                        "to train the model as it is now")
     conflicts = resume_conflicts(saved, cfg)
     if conflicts:
         allowed = ", ".join(f"--{n.replace('_', '-')}" for n in EXECUTION_FIELDS if n not in ("out", "resume"))
@@ -732,12 +750,15 @@ def _check_writable(out: Path) -> None:
         raise SpecError(f"--out {str(out)!r} is not writable: {problem}")
 
 
-def train(config: TrainConfig | dict[str, Any], dist: Dist | None = None, *, progress: str | None = None) -> Run:
+def train(config: TrainConfig | dict[str, Any], dist: Dist | None = None, *, progress: str | None = None,
+          quiet: bool = False) -> Run:
     """Run ``config`` to the end and return its record (a :class:`reslab.rundir.Run`: ``status``,
     ``summary``, ``metrics``, ``steps``, ``out``); bad input raises SpecError before anything is written.
 
     ``progress`` overrides how this call shows its progress (``cfg.progress``'s choices)
     without changing the config the run records: a sweep shows one bar for all its runs.
+    By default (``auto``) a bar shows on a terminal and in a notebook; ``quiet=True``
+    shows nothing (``progress="none"``).
 
     Under torchrun, a rank whose run breaks records the failure, aborts the process group
     and raises :class:`RunFailed` (:meth:`Trainer.fit`), so its exit ends the job at once
@@ -746,6 +767,8 @@ def train(config: TrainConfig | dict[str, Any], dist: Dist | None = None, *, pro
     cfg = config if isinstance(config, TrainConfig) else config_from_dict(config)
     if progress is not None and progress not in PROGRESS:
         raise choices_error("progress", progress, PROGRESS)
+    if quiet:
+        progress = "none"
     dist = dist or Dist.from_env()
     check_config(cfg)
     check_world_size(cfg, dist)
