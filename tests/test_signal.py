@@ -24,6 +24,7 @@ from reslab.diagnose import (
     format_signal_table,
     signal_combos,
     signal_csv,
+    signal_probes,
     signal_propagation,
     signal_unit,
 )
@@ -321,3 +322,16 @@ def test_signal_default_folder_of_a_torchvision_model_has_no_colon(capsys, tmp_p
     monkeypatch.chdir(tmp_path)
     assert main(["signal", "tv:resnet18", "--batch-size", "2"]) == 0
     assert (tmp_path / "signal" / "tv_resnet18" / "signal.csv").is_file()
+
+
+def test_blocks_that_declare_their_branch_are_the_signal_points_of_models_reslab_did_not_write():
+    # torchvision's BasicBlocks declare residual_branch(): one point per block, in forward order
+    unit, probes = signal_probes(build_model("tv:resnet18", in_channels=1, input_size=32))
+    names = [namer(0) for _, namer in probes]
+    assert unit == "residual block (0 = the first)"
+    assert names == [f"layer{stage}.{index}" for stage in range(1, 5) for index in range(2)]
+    timm = pytest.importorskip("timm")  # timm's blocks zero their branch themselves (zero_init_last)
+    unit, probes = signal_probes(timm.create_model("resnet18", num_classes=4))
+    assert [namer(0) for _, namer in probes] == names
+    rows = signal_propagation("tv:resnet18", "bn", "kaiming_normal", batch_size=2)
+    assert [row.name for row in rows] == names and all(row.act_std > 0 for row in rows)

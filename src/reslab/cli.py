@@ -119,7 +119,8 @@ def add_model_flags(parser: argparse.ArgumentParser, *, skip: Sequence[str] = ()
     from .config import TrainConfig
 
     by_name = {f.name: f for f in fields(TrainConfig)}
-    parser.add_argument("model", help="model name (see `reslab list models`), or tv:NAME for a torchvision model")
+    parser.add_argument("model", help="model name (see `reslab list models`), tv:NAME for a torchvision model, or "
+                                      "your own: path/to/file.py:Name or py:package.module:Name")
     for name in MODEL_FIELDS:
         if name != "model" and name not in skip:
             _add_field_flag(parser, by_name[name], as_lists=False)

@@ -98,6 +98,13 @@ class SignalRow:
 Probe = tuple[nn.Module, Callable[[int], "str | None"]]
 
 
+def _is_residual_block(module: nn.Module) -> bool:
+    """A block that declares its residual branch (:mod:`reslab.model_inits`) or zeroes it (timm's convention)."""
+    from .model_inits import declares_branch
+
+    return declares_branch(module) or callable(getattr(module, "zero_init_last", None))
+
+
 def signal_probes(model: nn.Module) -> tuple[str, list[Probe]]:
     """Where :func:`signal_propagation` measures, and what one step of depth is.
 
@@ -111,6 +118,9 @@ def signal_probes(model: nn.Module) -> tuple[str, list[Probe]]:
       depth is one ReLU layer - the unit of He et al.'s analysis.
     * ``simple_cnn``: after each of its three conv-norm-ReLU layers (before pooling).
     * ``mlp``: after each hidden ReLU (before dropout).
+    * Any other model whose blocks declare their residual branch (``residual_branch()``,
+      or timm's ``zero_init_last()``; :mod:`reslab.model_inits`), as your own models,
+      ``tv:resnet*`` and timm's ResNets do: every such block's output.
     * Any other model: every call of every ``nn.ReLU`` module, in forward order.
     """
     from .models import MLP, ResNet, SimpleCNN
@@ -136,6 +146,9 @@ def signal_probes(model: nn.Module) -> tuple[str, list[Probe]]:
     if isinstance(model, MLP):
         relus = [m for m in model.features if isinstance(m, nn.ReLU)]
         return "hidden layer (0 = first)", [(relu, once(f"hidden{i + 1}")) for i, relu in enumerate(relus)]
+    blocks = [(path, m) for path, m in model.named_modules() if path and _is_residual_block(m)]
+    if blocks:
+        return "residual block (0 = the first)", [(block, once(path)) for path, block in blocks]
     relus = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.ReLU)]
     return "ReLU call", [(m, lambda call, path=path: path if call == 0 else f"{path}#{call + 1}") for path, m in relus]
 
@@ -321,8 +334,11 @@ def signal_unit(model_name: str, options: Mapping[str, Any] | None = None) -> st
     """What one step of depth is for ``model_name`` (an x-axis label), e.g. 'residual block (0 = stem)'."""
     from .models import build_model
 
-    with torch.device("meta"):  # only the structure is needed: nothing allocated, no RNG drawn
-        return signal_probes(build_model(model_name, norm="none", **dict(options or {})))[0]
+    try:
+        with torch.device("meta"):  # only the structure is needed: nothing allocated, no RNG drawn
+            return signal_probes(build_model(model_name, norm="none", **dict(options or {})))[0]
+    except SpecError:  # a model of your own built for other inputs than the defaults (3x32x32)
+        return "point (in forward order)"
 
 
 def signal_csv(rows: Sequence[SignalRow]) -> str:
