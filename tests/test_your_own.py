@@ -1,6 +1,7 @@
 """A user's model file and image folder, end to end: train, load, eval, sweep, study, resume, registrations."""
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -179,3 +180,18 @@ def test_bars_show_on_a_terminal_and_in_a_notebook_only(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=TerminalInteractiveShell))
     assert not shows_bars()
+
+
+def test_a_single_class_tree_trains_with_val_split_and_eval_names_the_splits_it_has(project, capsys):
+    for folder in (project / "pics/train").iterdir():  # one <class>/ tree: no train/ and test/
+        folder.rename(project / "pics" / folder.name)
+    (project / "pics/train").rmdir()
+    shutil.rmtree(project / "pics/test")
+    result = reslab.train(_run(project / "runs/tree", epochs=1, val_split=0.25))
+    assert result.status == "completed" and result.summary["num_eval"] > 0
+    assert main(["eval", str(project / "runs/tree"), "--split", "test"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--split test: dataset 'folder:pics' has no test split" in err and "valid choices for it: val, train" in err
+    assert err.count("\n") == 0
+    assert main(["eval", str(project / "runs/tree")]) == 0  # its own split: the held-out images
+    assert f"acc {result.summary['final_eval_acc']:.4f}" in capsys.readouterr().out

@@ -101,6 +101,11 @@ DATASET_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 
 
+class NoTestSplit(SpecError):
+    """A dataset without a test split (one class-folder tree, an npz without its test arrays), loaded
+    without ``val_split``: it has nothing to evaluate on."""
+
+
 class DatasetMissing(SpecError):
     """The files of a dataset are not where we looked and downloading was not asked for."""
 
@@ -587,7 +592,7 @@ def load_dataset(
 
     splits = entry.load(LoadContext(resolve_data_dir(data_dir), download, val_split), **kwargs)
     if not val_split and len(splits.test_labels) == 0:
-        raise SpecError(f"dataset {parsed.text or entry.name!r} has no test split: pass --val-split F "
+        raise NoTestSplit(f"dataset {parsed.text or entry.name!r} has no test split: pass --val-split F "
                         f"(val_split=F) to hold out a fraction F of its train images")
     train_x, train_y = splits.train_images, splits.train_labels
     eval_x, eval_y, eval_split = splits.test_images, splits.test_labels, "test"
@@ -640,7 +645,7 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float,
 
 
 __all__ = [
-    "DatasetEntry", "DatasetMissing", "DATASET_STATS", "ENV_CACHE_DIR", "ENV_DATA_DIR", "Splits", "cache_dir",
-    "cache_file", "cached", "channel_stats", "dataset_names", "dataset_source", "default_data_dir", "list_datasets",
-    "load_dataset", "parse_dataset_spec", "register_dataset",
+    "DatasetEntry", "DatasetMissing", "NoTestSplit", "DATASET_STATS", "ENV_CACHE_DIR", "ENV_DATA_DIR", "Splits",
+    "cache_dir", "cache_file", "cached", "channel_stats", "dataset_names", "dataset_source", "default_data_dir",
+    "list_datasets", "load_dataset", "parse_dataset_spec", "register_dataset",
 ]

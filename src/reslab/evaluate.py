@@ -15,7 +15,7 @@ import torch
 from .build import build_for
 from .config import TrainConfig
 from .data import Dataset
-from .datasets import load_dataset
+from .datasets import NoTestSplit, load_dataset
 from .errors import SpecError, choices_error
 from .models import is_user_model_name
 from .rundir import (
@@ -160,8 +160,13 @@ def split_data(cfg: TrainConfig, run_data: Dataset, split: str, dataset: str | N
     val_split = 0.0 if split == "test" else cfg.val_split
     source = run_data
     if dataset is not None or val_split != cfg.val_split:
-        source = load_dataset(dataset or cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
-                              device=run_data.device, val_split=val_split, seed=cfg.seed)
+        try:
+            source = load_dataset(dataset or cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
+                                  device=run_data.device, val_split=val_split, seed=cfg.seed)
+        except NoTestSplit:
+            raise SpecError(f"--split test: dataset {dataset or cfg.dataset!r} has no test split (the run evaluated "
+                            f"on the images --val-split {cfg.val_split:g} held out); valid choices for it: val, "
+                            "train") from None
         _check_fits(source, run_data)
     images, labels = ((source.train_images, source.train_labels) if split == "train"
                       else (source.eval_images, source.eval_labels))

@@ -96,7 +96,9 @@ _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")  # a spec name (reslab.spec
 
 
 def _no_test_split(where: str, what: str) -> SpecError:
-    return SpecError(f"{where} has {what}: pass --val-split F (val_split=F) to hold out a fraction F "
+    from .datasets import NoTestSplit
+
+    return NoTestSplit(f"{where} has {what}: pass --val-split F (val_split=F) to hold out a fraction F "
                      f"of its train images for evaluation")
 
 
