@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import reslab
+from conftest import RESIDUAL_NET
 from reslab.build import build, init_model, model_config
 from reslab.cli import main
 from reslab.convs import StdConv2d
@@ -15,42 +16,7 @@ from reslab.errors import SpecError
 from reslab.models import build_model, model_options
 from reslab.registry import REQUIRED
 
-NETS = '''
-import torch
-from torch import nn
-
-
-class Block(nn.Module):
-    """A basic residual block that declares its branch."""
-
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(ch)
-        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(ch)
-
-    def residual_branch(self):
-        return [self.conv1, self.bn1, self.conv2, self.bn2]
-
-    def forward(self, x):
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(x + self.bn2(self.conv2(out)))
-
-
-class TinyResNet(nn.Module):
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 16, blocks: int = 2,
-                 dropout: float | None = None):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                                  nn.ReLU())
-        self.blocks = nn.Sequential(*[Block(width) for _ in range(blocks)])
-        self.drop = nn.Dropout(dropout or 0.0)
-        self.head = nn.Linear(width, num_classes)
-
-    def forward(self, x):
-        return self.head(self.drop(self.blocks(self.stem(x)).mean((2, 3))))
-
+NETS = RESIDUAL_NET + '''
 
 def gray_net(num_classes, depth, **extra):
     """A factory: a required argument, and **kwargs read as YAML."""

@@ -14,41 +14,12 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import reslab
+from conftest import RESIDUAL_NET
 from reslab.cli import main
 from reslab.errors import SpecError
 from reslab.training import shows_bars
 
-MODEL = '''
-import torch
-from torch import nn
-
-
-class Block(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-
-    def residual_branch(self):
-        return [self.conv1, self.bn1, self.conv2, self.bn2]
-
-    def forward(self, x):
-        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
-
-
-class SmallNet(nn.Module):
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 8):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                                  nn.ReLU())
-        self.blocks = nn.Sequential(Block(width), Block(width))
-        self.head = nn.Linear(width, num_classes)
-
-    def forward(self, x):
-        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
-'''
+MODEL = RESIDUAL_NET
 
 CLASSES = ["zero", "one", "two", "three"]  # digits 0-3, named
 
@@ -69,8 +40,9 @@ def project(tmp_path, monkeypatch):
 
 
 def _run(out, **overrides):
-    return {"model": "nets.py:SmallNet", "dataset": "folder:pics", "optimizer": "adam", "lr": 0.003,
-            "batch_size": 32, "epochs": 3, "device": "cpu", "progress": "none", "out": str(out), **overrides}
+    return {"model": "nets.py:TinyResNet", "model_options": {"width": 8}, "dataset": "folder:pics",
+            "optimizer": "adam", "lr": 0.003, "batch_size": 32, "epochs": 3, "device": "cpu", "progress": "none",
+            "out": str(out), **overrides}
 
 
 def test_a_model_file_on_an_image_folder_trains_loads_and_evaluates(project, capsys):
@@ -145,7 +117,7 @@ def test_a_run_on_a_registered_dataset_is_evaluated_from_a_fresh_process(project
     done = subprocess.run([sys.executable, "-c", script], cwd=project, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     sources = json.loads((project / "runs/bars/sources.json").read_text())
-    assert sources["dataset"]["module"] == "mydata" and sources["model"]["spec"] == "nets.py:SmallNet"
+    assert sources["dataset"]["module"] == "mydata" and sources["model"]["spec"] == "nets.py:TinyResNet"
     summary = json.loads((project / "runs/bars/summary.json").read_text())
     # a fresh shell: mydata is importable from the working directory, and eval imports it again
     evaluated = subprocess.run([sys.executable, "-m", "reslab", "eval", str(project / "runs/bars")], cwd=project,
