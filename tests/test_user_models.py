@@ -201,3 +201,10 @@ def test_the_cli_refuses_a_bad_model_in_one_line_and_writes_nothing(nets, tmp_pa
     assert code == 2 and err.count("\n") == 0 and "nets.py has no 'Missing'" in err and not out.exists()
     assert main(["inspect", "nets.py:TinyResNet", "--norm", "gn:2", "-o", "width=8"]) == 0
     assert "GroupNorm" in capsys.readouterr().out
+
+
+def test_signal_measures_each_declared_block_of_a_model_file(nets, tmp_path):
+    assert main(["signal", "nets.py:TinyResNet", "-o", "width=4", "--norm", "bn,none", "--batch-size", "4",
+                 "--out", str(tmp_path / "signal")]) == 0
+    rows = (tmp_path / "signal/signal.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[3] for row in rows] == ["blocks.0", "blocks.1"] * 2  # name column, per norm
