@@ -207,4 +207,4 @@ def test_signal_measures_each_declared_block_of_a_model_file(nets, tmp_path):
     assert main(["signal", "nets.py:TinyResNet", "-o", "width=4", "--norm", "bn,none", "--batch-size", "4",
                  "--out", str(tmp_path / "signal")]) == 0
     rows = (tmp_path / "signal/signal.csv").read_text().splitlines()[1:]
-    assert [row.split(",")[3] for row in rows] == ["blocks.0", "blocks.1"] * 2  # name column, per norm
+    assert [row.split(",")[3] for row in rows] == ["blocks.0", "blocks.1"] * 4  # name, per (norm, init)
