@@ -66,8 +66,6 @@ import functools
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -75,18 +73,29 @@ import torch.nn.functional as F
 
 from .data import Augment, Dataset, derive_seed
 from .errors import SpecError
-from .fileio import atomic_torch_save
 from .registry import REQUIRED, Registry
-from .specs import Converter, Spec, parse_spec, to_bool, to_float, to_int
+from .specs import Spec, parse_spec, to_float, to_int
+from .splits import (  # noqa: F401 - re-exported: the names reslab.datasets has always had
+    CACHE_SUBDIR,
+    CACHE_VERSION,
+    DEFAULT_DATA_DIR,
+    ENV_CACHE_DIR,
+    ENV_DATA_DIR,
+    DatasetEntry,
+    DatasetMissing,
+    LoadContext,
+    NoTestSplit,
+    Splits,
+    _int_at_least,
+    augment_params,
+    cache_dir,
+    cache_file,
+    cached,
+    default_data_dir,
+    resolve_data_dir,
+)
 
 log = logging.getLogger(__name__)
-
-ENV_DATA_DIR = "RESLAB_DATA"
-ENV_CACHE_DIR = "RESLAB_CACHE"
-DEFAULT_DATA_DIR = Path("~/.cache/reslab/data")
-CACHE_SUBDIR = "reslab-cache"
-# Bump when the cached tensors of an offline dataset change meaning (split, dtype, fields).
-CACHE_VERSION = 2
 
 # Per-channel mean/std in [0, 1] pixel units of the official *train* splits,
 # used instead of recomputing them over 50-60k images at every load.  CIFAR
@@ -99,81 +108,6 @@ DATASET_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "mnist": ((0.1307,), (0.3081,)),
     "fashion-mnist": ((0.2860,), (0.3530,)),
 }
-
-
-class NoTestSplit(SpecError):
-    """A dataset without a test split (one class-folder tree, an npz without its test arrays), loaded
-    without ``val_split``: it has nothing to evaluate on."""
-
-
-class DatasetMissing(SpecError):
-    """The files of a dataset are not where we looked and downloading was not asked for."""
-
-
-def default_data_dir() -> Path:
-    """``$RESLAB_DATA`` if set, else ``~/.cache/reslab/data``."""
-    env = os.environ.get(ENV_DATA_DIR)
-    return Path(env).expanduser() if env else DEFAULT_DATA_DIR.expanduser()
-
-
-def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
-    return Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-
-
-def cache_dir() -> Path:
-    """Where every converted dataset is cached: ``$RESLAB_CACHE`` if set, else
-    ``default_data_dir() / "reslab-cache"``.  Never a ``data_dir`` given to a load, so that
-    pointing reslab at a folder of one's own files never writes into it."""
-    env = os.environ.get(ENV_CACHE_DIR)
-    return Path(env).expanduser() if env else default_data_dir() / CACHE_SUBDIR
-
-
-# --- raw splits and the registry ------------------------------------------------
-
-
-@dataclass
-class Splits:
-    """What a loader returns: CPU uint8 images (N, C, H, W) and int64 labels.
-
-    A dataset without a test split holds an empty one (0 images of the train
-    split's shape): it loads only with a validation hold-out.
-    """
-
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
-    num_classes: int
-    classes: tuple[str, ...] | None = None  # the name of every label, when the data has them
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"train_images": self.train_images, "train_labels": self.train_labels,
-                "test_images": self.test_images, "test_labels": self.test_labels,
-                "num_classes": self.num_classes, "classes": self.classes}
-
-
-@dataclass(frozen=True)
-class LoadContext:
-    data_dir: Path
-    download: bool
-    val_split: float = 0.0  # the hold-out asked for: a loader of data without a test split refuses 0 up front
-
-
-@dataclass(frozen=True)
-class DatasetEntry:
-    name: str
-    description: str  # one line, shown by `reslab list`
-    load: Callable[..., Splits]  # (LoadContext, **loader_params) -> Splits on the CPU
-    loader_params: dict[str, tuple[Converter, Any]] = field(default_factory=dict)  # argument -> (converter, default)
-    augment: Augment = field(default_factory=Augment)  # default train augmentation: the crop/flip defaults
-    check: Callable[..., str | None] | None = None  # (**every argument) -> problem or None, before loading
-    module: str | None = None  # the module of the function a user registered (None: reslab's own)
-    source: str | None = None  # that function's source file, so another process can import it again
-
-    @property
-    def params(self) -> dict[str, tuple[Converter, Any]]:
-        """The loader's arguments, then the augmentation arguments every dataset takes."""
-        return {**self.loader_params, **augment_params(self.augment)}
 
 
 _REGISTRY: Registry[DatasetEntry] = Registry("dataset")
@@ -203,7 +137,7 @@ def register_dataset(fn: Any = None, *, name: str | None = None) -> Any:
         return _REGISTRY.register(name or fn.name, fn)
     if not callable(fn):
         raise TypeError(f"register_dataset takes a DatasetEntry or a function, not {type(fn).__name__}")
-    from .user_datasets import function_entry  # deferred: user_datasets imports this module
+    from .user_datasets import function_entry  # deferred: only a registration from Python needs it
 
     entry = function_entry(fn, name or fn.__name__)
     if entry.name in _REGISTRY:
@@ -232,19 +166,6 @@ def dataset_names() -> list[str]:
     return list(_REGISTRY)
 
 
-def _int_at_least(low: int, what: str) -> Converter:
-    def convert(value: str) -> int:
-        try:
-            result = to_int(value)
-        except ValueError:
-            result = None
-        if result is None or result < low:
-            raise ValueError(f"expected {what}")
-        return result
-
-    return convert
-
-
 _positive_int = _int_at_least(1, "a positive integer")
 _nonnegative_int = _int_at_least(0, "a non-negative integer")
 _at_least_two = _int_at_least(2, "an integer of at least 2")
@@ -265,12 +186,6 @@ def _nonnegative_float(value: str) -> float:
     if result is None or result < 0:
         raise ValueError("expected a non-negative number")
     return result
-
-
-def augment_params(augment: Augment) -> dict[str, tuple[Converter, Any]]:
-    """The arguments every dataset takes, defaulting to its own augmentation: ``crop=P`` (random-crop
-    padding in pixels, 0 = off) and ``flip=true|false``."""
-    return {"crop": (_nonnegative_int, augment.crop_padding), "flip": (to_bool, augment.flip)}
 
 
 # --- torchvision-backed datasets --------------------------------------------------
@@ -355,31 +270,6 @@ register_dataset(DatasetEntry(
 
 
 # --- offline datasets, cached ----------------------------------------------------------
-
-
-def cache_file(name: str) -> Path:
-    """Where the converted tensors cached under ``name`` live (in :func:`cache_dir`)."""
-    return cache_dir() / f"{name}-v{CACHE_VERSION}.pt"
-
-
-def cached(name: str, build: Callable[[], Splits]) -> Splits:
-    """Load ``name``'s splits from the cache, or build them and cache them atomically.
-
-    A build that raises writes nothing; an unwritable cache directory only
-    means the next load builds again.
-    """
-    path = cache_file(name)
-    if path.is_file():
-        try:
-            return Splits(**torch.load(path, weights_only=True))
-        except Exception as exc:  # a corrupt or foreign file: rebuild and overwrite it
-            log.warning("ignoring unreadable cache %s (%s)", path, exc)
-    splits = build()
-    try:
-        atomic_torch_save(path, splits.as_dict())
-    except OSError as exc:
-        log.debug("not caching %s at %s: %s", name, path, exc)
-    return splits
 
 
 def _split_last_per_class(images: torch.Tensor, labels: torch.Tensor, test_per_class: int) -> Splits:

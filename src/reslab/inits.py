@@ -70,7 +70,7 @@ from torch import nn
 from .convs import CONV_TYPES
 from .errors import SpecError
 from .model_inits import MODEL_INITS, ModelInit, apply_model_init, declared_branch, declares_branch
-from .norms import EvoNorm2dS0, FilterResponseNorm2d, has_affine_weight
+from .norms import NORM_TYPES, has_affine_weight
 from .registry import REQUIRED, Registry, Resolved
 from .specs import Converter, one_of, parse_spec, positive_float, to_bool, to_float
 from .tables import format_table
@@ -87,10 +87,6 @@ _FAN = frozenset({"conv", "linear", "bias"})  # schemes that need a fan_in
 # The names torch.nn.init.calculate_gain accepts.
 NONLINEARITIES = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
                   "conv_transpose3d", "sigmoid", "tanh", "relu", "leaky_relu", "selu")
-# BatchNorm*/InstanceNorm*/SyncBatchNorm share _NormBase; reslab's LayerNorm2d and
-# InstanceNorm2dAffine are GroupNorms and its RMSNorm2d holds an nn.RMSNorm.
-NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, FilterResponseNorm2d,
-              EvoNorm2dS0)
 
 
 # --- argument converters ----------------------------------------------------

@@ -82,6 +82,7 @@ from torch import nn
 
 from .errors import SpecError, choices_error
 from .lsuv import DEFAULT_MAX_ITER, DEFAULT_TOL, check_lsuv_args, lsuv_init
+from .norms import NORM_TYPES
 from .registry import Resolved
 from .specs import positive_float, to_float, to_int
 
@@ -220,8 +221,6 @@ def _check_attachable(block: nn.Module, path: str, layers: list[nn.Module], bran
 
 def _attach(block: nn.Module, layers: list[nn.Module], branch: str, names: list[str]) -> None:
     """Register ``names`` on ``block`` (in forward order) and hook them onto ``layers``."""
-    from .inits import NORM_TYPES
-
     like = next(block.parameters(), torch.empty(()))
     for name in names:
         value = 1.0 if name == "scale" else 0.0

@@ -669,7 +669,15 @@ def describe_norm_layers(model: nn.Module) -> list[str]:
     return [f"{key} (x{n} layer{'s' if n != 1 else ''})" for key, n in counts.items()]
 
 
+# Every norm layer reslab builds or converts: BatchNorm*/InstanceNorm*/SyncBatchNorm share
+# _NormBase; reslab's LayerNorm2d and InstanceNorm2dAffine are GroupNorms and its RMSNorm2d
+# holds an nn.RMSNorm.
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, FilterResponseNorm2d,
+              EvoNorm2dS0)
+
+
 __all__ = [
+    "NORM_TYPES",
     "DEFAULT_GROUPS", "MIN_CHANNELS_PER_GROUP", "RMS_EPS", "FRN_EPS", "NormFactory", "RMSNorm2d", "LayerNorm2d",
     "InstanceNorm2dAffine", "FilterResponseNorm2d", "EvoNorm2dS0", "build_norm", "describe_norm_layers",
     "factory_takes_act", "gn_groups", "make_norm", "norm_activates", "norm_factory", "list_norms", "norm_names",

@@ -81,9 +81,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .datasets import DatasetEntry, DatasetMissing, LoadContext, Splits, cached
 from .errors import SpecError
 from .specs import Converter, to_bool, to_float, to_int
+from .splits import DatasetEntry, DatasetMissing, LoadContext, NoTestSplit, Splits, cached
 
 # Bump when the cached tensors of a folder or an .npz change meaning (decoding, conversion, fields).
 FOLDER_CACHE_VERSION = 1
@@ -96,8 +96,6 @@ _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")  # a spec name (reslab.spec
 
 
 def _no_test_split(where: str, what: str) -> SpecError:
-    from .datasets import NoTestSplit
-
     return NoTestSplit(f"{where} has {what}: pass --val-split F (val_split=F) to hold out a fraction F "
                      f"of its train images for evaluation")
 
