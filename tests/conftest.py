@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest -n N each worker is one of N processes sharing the cores: one intra-op
+    # thread each, so the workers do not oversubscribe them.
+    torch.set_num_threads(1)
 
 # 192 train / 64 test images of 8x8 noise around 4 class means: a run of one epoch takes
 # well under a second on a CPU and still learns something (chance is 25%).
