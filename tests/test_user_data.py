@@ -249,6 +249,17 @@ def _bad_folder(kind, root, digits):
     return root
 
 
+def _refused_in_one_line(spec, error, fragments, cache):
+    """Loading ``spec`` raises ``error`` in one line holding every fragment, and caches nothing."""
+    with pytest.raises(error) as info:
+        load_dataset(spec)
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message
+    assert not cached_files(cache)
+
+
 @pytest.mark.parametrize("kind, error, fragments", [
     ("missing", DatasetMissing, ["nowhere does not exist", "PATH/<class>/<image>"]),
     ("empty", SpecError, ["bad is empty", "PATH/train/<class>/<image>"]),
@@ -262,13 +273,7 @@ def _bad_folder(kind, root, digits):
 ])
 def test_bad_folder_is_one_line_and_caches_nothing(kind, error, fragments, tmp_path, digits, cache):
     root = _bad_folder(kind, tmp_path / "bad", digits)
-    with pytest.raises(error) as info:
-        load_dataset(f"folder:{root}")
-    message = str(info.value)
-    assert "\n" not in message and str(root) in message
-    for fragment in fragments:
-        assert fragment in message
-    assert not cached_files(cache)
+    _refused_in_one_line(f"folder:{root}", error, [str(root), *fragments], cache)
 
 
 def test_a_file_is_no_folder(tmp_path):
@@ -378,13 +383,7 @@ def _bad_npz(kind, path, arrays):
 ])
 def test_bad_npz_is_one_line_and_caches_nothing(kind, error, fragments, arrays, tmp_path, cache):
     path = _bad_npz(kind, tmp_path / "bad.npz", arrays)
-    with pytest.raises(error) as info:
-        load_dataset(f"npz:{path}")
-    message = str(info.value)
-    assert "\n" not in message and str(path) in message
-    for fragment in fragments:
-        assert fragment in message
-    assert not cached_files(cache)
+    _refused_in_one_line(f"npz:{path}", error, [str(path), *fragments], cache)
 
 
 # --- datasets registered from Python ---------------------------------------------------------------
