@@ -117,8 +117,8 @@ def model_change(folder: str | Path) -> str | None:
 
 def _import_registration(kind: str, record: dict[str, Any]) -> None:
     module, file = record.get("module"), record.get("file")
-    if not module or module in sys.modules and module != "__main__":
-        return
+    if not module or (module in sys.modules and module != "__main__"):
+        return  # nothing recorded, or already imported in this process
     if module == "__main__":
         raise SpecError(f"{kind} {record.get('spec')!r} was registered by the script {file or '__main__'}, which "
                         f"cannot be imported again: register it in a module, then import that module")

@@ -516,7 +516,7 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.write_config(self.cfg, self.layout)
             write_sources(self.run_dir.path, self.cfg)
-            if getattr(self.data, "classes", None):
+            if self.data.classes:
                 self.run_dir.write_classes(self.data.classes)
             metrics, steps = self.run_dir.keep_records_until(self.epoch, self.step)
             if self.cfg.tensorboard:
