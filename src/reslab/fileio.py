@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import os
 import tempfile
@@ -117,3 +119,18 @@ def require_writable_dir(folder: str | os.PathLike, flag: str, given: str | None
     problem = unwritable_reason(folder)
     if problem is not None:
         raise SpecError(f"{flag} {given or repr(str(folder))} cannot be written: {problem}")
+def file_digest(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, in hex."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def source_file_of(obj: Any) -> Path | None:
+    """The resolved file that defines ``obj`` (a class or function), or None where Python cannot
+    tell (a builtin, code typed into a REPL)."""
+    try:
+        file = inspect.getsourcefile(obj)
+    except TypeError:
+        return None
+    return Path(file).resolve() if file and Path(file).is_file() else None
+
+

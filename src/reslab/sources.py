@@ -20,7 +20,6 @@ or dataset you registered in Python (``@reslab.register_model``,
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -31,34 +30,24 @@ from typing import Any
 
 from .config import TrainConfig
 from .errors import SpecError
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, file_digest, source_file_of
 
 log = logging.getLogger(__name__)
 
 SOURCES_FILE = "sources.json"
 
 
-def file_digest(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes, in hex."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _registered_model_source(name: str) -> dict[str, Any] | None:
     """Module, file and digest of a model registered outside reslab; None for reslab's own."""
-    import inspect
-
     from .models import _REGISTRY
 
     entry = _REGISTRY.get(name)
     if entry is None or entry.fn.__module__.split(".")[0] == "reslab":
         return None
     record: dict[str, Any] = {"module": entry.fn.__module__}
-    try:
-        file = inspect.getsourcefile(entry.fn)
-    except TypeError:
-        file = None
-    if file and Path(file).is_file():
-        record.update(file=str(Path(file).resolve()), sha256=file_digest(file))
+    file = source_file_of(entry.fn)
+    if file is not None:
+        record.update(file=str(file), sha256=file_digest(file))
     return record
 
 

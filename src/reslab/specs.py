@@ -118,6 +118,23 @@ def to_bool(value: str) -> bool:
     raise ValueError("expected true or false")
 
 
+# How a string becomes a value of a scalar type; bool before int (a bool is an int).
+SCALAR_CONVERTERS: tuple[tuple[type, Converter], ...] = ((bool, to_bool), (int, to_int), (float, to_float), (str, str))
+
+
+def converter_for_type(kind: Any) -> Converter | None:
+    """The converter of strings to ``kind`` (bool, int, float or str, or a subclass); None for any other."""
+    if not isinstance(kind, type):
+        return None
+    return next((convert for scalar, convert in SCALAR_CONVERTERS if issubclass(kind, scalar)), None)
+
+
+def converter_for(default: Any) -> Converter | None:
+    """The converter of strings to the type of ``default`` (an option's or argument's); None where
+    that type is not a scalar (``None``, a tuple, ...)."""
+    return converter_for_type(type(default))
+
+
 def positive_float(value: str) -> float:
     result = to_float(value)
     if result <= 0:

@@ -82,7 +82,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import SpecError
-from .specs import Converter, to_bool, to_float, to_int
+from .fileio import source_file_of
+from .specs import Converter, converter_for
 from .splits import DatasetEntry, DatasetMissing, LoadContext, NoTestSplit, Splits, cached
 
 # Bump when the cached tensors of a folder or an .npz change meaning (decoding, conversion, fields).
@@ -547,12 +548,9 @@ def load_npz(ctx: LoadContext, *, path: str) -> Splits:
 
 # --- datasets registered from Python ------------------------------------------------------------
 
-_STRING_CONVERTERS: tuple[tuple[type, Converter], ...] = ((bool, to_bool), (int, to_int), (float, to_float))
-
-
 def _converter(default: Any) -> Converter:
-    """A spec value (a string) becomes the type of the argument's default; bool before int."""
-    return next((convert for kind, convert in _STRING_CONVERTERS if isinstance(default, kind)), str)
+    """A spec value (a string) becomes the type of the argument's default (strings stay strings)."""
+    return converter_for(default) or str
 
 
 def _splits_from_result(result: Any, where: str) -> Splits:
@@ -573,14 +571,6 @@ def _load_function(fn: Callable[..., Any], name: str, ctx: LoadContext, **kwargs
     return _splits_from_result(fn(**kwargs), f"dataset {name!r}")
 
 
-def _source_file(fn: Callable[..., Any]) -> str | None:
-    try:
-        file = inspect.getsourcefile(fn) or inspect.getfile(fn)
-    except TypeError:  # a builtin or a C function
-        return None
-    return str(Path(file).resolve())
-
-
 def function_entry(fn: Callable[..., Any], name: str) -> DatasetEntry:
     """The registry entry of a user's dataset function (see :func:`reslab.datasets.register_dataset`)."""
     if not isinstance(name, str) or not _NAME_RE.match(name):
@@ -599,7 +589,7 @@ def function_entry(fn: Callable[..., Any], name: str) -> DatasetEntry:
     return DatasetEntry(
         name, description, functools.partial(_load_function, fn, name),
         {p.name: (_converter(p.default), p.default) for p in params},
-        module=fn.__module__, source=_source_file(fn),
+        module=fn.__module__, source=str(file) if (file := source_file_of(fn)) else None,
     )
 
 

@@ -47,7 +47,7 @@ from ..convs import ConvChoice, ScaledStdConv2d, StdConv2d, resolve_conv, standa
 from ..errors import SpecError
 from ..norms import norm_factory
 from ..registry import Registry, Resolved
-from ..specs import Converter, Spec, to_bool, to_float, to_int
+from ..specs import Converter, Spec, converter_for
 
 ModelFn = Callable[..., nn.Module]
 
@@ -73,19 +73,10 @@ class ModelEntry:
 
 _REGISTRY: Registry[ModelEntry] = Registry("model")
 
-# How a string option value becomes the type of the option's default; bool before int (bool is an int).
-_STRING_CONVERTERS: tuple[tuple[type, Converter], ...] = ((bool, to_bool), (int, to_int), (float, to_float))
-
-
-def _string_converter(default: Any) -> Converter | None:
-    """The converter for string values of an option with this default (None: strings stay strings)."""
-    return next((convert for kind, convert in _STRING_CONVERTERS if isinstance(default, kind)), None)
-
-
 def _option_converter(default: Any) -> Converter:
     """An option's converter: a string (from the CLI or a YAML file) becomes the default's type;
     any other value passes through, for the model to validate."""
-    convert = _string_converter(default)
+    convert = converter_for(default)
 
     def converter(value: Any) -> Any:
         return convert(value) if convert is not None and isinstance(value, str) else value
@@ -162,7 +153,7 @@ def _resolve(name: str, options: dict[str, Any]) -> Resolved[ModelEntry]:
 
 def _coerce(value: Any, default: Any, what: str) -> Any:
     """Convert a string value to the type of ``default``; non-string values pass through untouched."""
-    convert = _string_converter(default)
+    convert = converter_for(default)
     if convert is None or not isinstance(value, str):
         return value
     try:

@@ -42,7 +42,6 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,9 @@ import yaml
 from torch import nn
 
 from ..errors import SpecError
-from ..specs import to_bool, to_float, to_int
+from ..fileio import file_digest, source_file_of
+from ..specs import converter_for, converter_for_type, to_bool
+from .torchvision_models import _apply_norm, _first_line, _meta_forward, _side
 
 PY_PREFIX = "py:"
 _FILE_RE = re.compile(r"^(?P<file>.+\.py):(?P<attr>[A-Za-z_][A-Za-z0-9_.]*)$")
@@ -84,10 +85,6 @@ def _split(name: str) -> tuple[str, str, bool]:
     return match["file"], match["attr"], True
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 @contextmanager
 def _import_errors(name: str, what: str):
     """Any exception while importing user code becomes one line naming the model and the error."""
@@ -108,7 +105,7 @@ def _import_file(name: str, file: str) -> types.ModuleType:
     if not path.is_file():
         raise SpecError(f"model {name!r}: no such file {file!r} (resolved against {Path.cwd()})")
     path = path.resolve()
-    key = hashlib.sha256(f"{path}\0{_digest(path)}".encode()).hexdigest()  # the file, as it is now
+    key = hashlib.sha256(f"{path}\0{file_digest(path)}".encode()).hexdigest()  # the file, as it is now
     module_name = f"reslab_user_{re.sub(r'[^0-9A-Za-z_]', '_', path.stem)}_{key[:12]}"
     if module_name in sys.modules:
         return sys.modules[module_name]
@@ -185,20 +182,17 @@ def user_options(name: str) -> dict[str, Any]:
             for key, p in params.items() if key not in PASSED}
 
 
-_SCALARS: dict[Any, Callable[[str], Any]] = {bool: to_bool, int: to_int, float: to_float, str: str}
-
-
 def _target_type(param: inspect.Parameter, hints: dict[str, Any]) -> Any:
     """The scalar type a string value of ``param`` converts to (None: read it as YAML)."""
     hint = hints.get(param.name, param.annotation)
     if hint is not inspect.Parameter.empty:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         hint = args[0] if len(args) == 1 and typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
-        if hint in _SCALARS:
+        if converter_for_type(hint) is not None:
             return hint
     default = param.default
-    if default is not inspect.Parameter.empty and default is not None:
-        return next((kind for kind in (bool, int, float, str) if isinstance(default, kind)), None)
+    if default is not inspect.Parameter.empty and converter_for(default) is not None:
+        return type(default)
     return None
 
 
@@ -211,7 +205,7 @@ def _convert(name: str, key: str, value: Any, kind: Any) -> Any:
         except yaml.YAMLError:
             return value
     try:
-        return _SCALARS[kind](value)
+        return converter_for_type(kind)(value)
     except ValueError as exc:
         raise SpecError(f"bad value {value!r} for option {key!r} of model {name!r}: expected "
                         f"{kind.__name__} ({exc})") from None
@@ -274,22 +268,13 @@ def _shown(kwargs: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no arguments"
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
-def _forward(model: nn.Module, x: torch.Tensor, meta: bool) -> Any:
-    """``model`` on ``x`` in eval mode without gradients (its tensors moved to meta for ``meta``)."""
+def _cpu_forward(model: nn.Module, x: torch.Tensor) -> Any:
+    """``model`` on ``x`` in eval mode without gradients, leaving its mode and the global RNG as they were."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            if meta:
-                tensors = {n: t.to("meta") for n, t in (*model.named_parameters(), *model.named_buffers())}
-                return torch.func.functional_call(model, tensors, (x.to("meta"),))
-            with torch.random.fork_rng(devices=[]):
-                return model(x)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            return model(x)
     finally:
         model.train(was_training)
 
@@ -298,10 +283,10 @@ def check_fits(model: nn.Module, name: str, in_channels: int, hw: tuple[int, int
     """A one-line SpecError unless ``model`` maps two ``in_channels x H x W`` images to ``(2, num_classes)``."""
     x = torch.zeros(2, in_channels, *hw)
     try:
-        out = _forward(model, x, meta=True)
+        out = _meta_forward(model, tuple(x.shape))
     except Exception:  # noqa: BLE001 - some code cannot run on meta (.item(), data-dependent shapes)
         try:
-            out = _forward(model, x, meta=False)
+            out = _cpu_forward(model, x)
         except Exception as exc:  # noqa: BLE001 - any failure: this input does not fit the model
             hint = "" if takes_option(name, "in_channels") or takes_option(name, "in_chans") else \
                 " (its constructor takes no in_channels, so reslab cannot size its input)"
@@ -320,8 +305,6 @@ def build_user_model(name: str, *, num_classes: int, in_channels: int, norm: str
                      input_size: int | tuple[int, int] | None, **options: Any) -> nn.Module:
     """Build user model ``name`` for ``num_classes`` outputs and ``in_channels`` inputs, with ``norm``
     (see the module doc); ``input_size`` (default 32) is the side the fit check runs at."""
-    from .torchvision_models import _apply_norm, _side
-
     for key in RESLAB_RESNET_OPTIONS:
         if key in options:
             raise SpecError(f"--{key} applies to reslab's own ResNets, not to {name!r}; drop it")
@@ -338,20 +321,13 @@ def build_user_model(name: str, *, num_classes: int, in_channels: int, norm: str
 
 def source_file(name: str) -> Path | None:
     """The file the code of user model ``name`` lives in (None where Python cannot tell)."""
-    obj = load_object(name)
-    try:
-        file = inspect.getsourcefile(obj)
-    except TypeError:
-        file = None
-    return Path(file).resolve() if file else None
+    return source_file_of(load_object(name))
 
 
 def model_source(name: str) -> dict[str, str] | None:
     """``{"file", "sha256"}`` of the code of user model ``name``, for the run's record."""
     file = source_file(name)
-    if file is None or not file.is_file():
-        return None
-    return {"file": str(file), "sha256": _digest(file)}
+    return None if file is None else {"file": str(file), "sha256": file_digest(file)}
 
 
 __all__ = ["FORM", "PY_PREFIX", "build_user_model", "check_fits", "construct", "is_user_model_name", "load_object",
